@@ -1,0 +1,73 @@
+"""Build of transmix-kernels and its optional C++/CUDA extension ``transmix_kernels._C``.
+
+Driven by environment flags (never by ``sys.argv``), in the style of flash-attention/xformers:
+
+- ``TRANSMIX_SKIP_EXT=1``: build no extension at all; the package falls back to PyTorch.
+- ``TRANSMIX_FORCE_CUDA=1``: build the CUDA sources even when torch sees no GPU (CI, build hosts).
+  Without it, CUDA sources are built when a CUDA toolkit is found and torch is a CUDA build.
+- ``TORCH_CUDA_ARCH_LIST``: the GPU architectures, e.g. ``"9.0"``; default below.
+- ``CUDA_HOME``: the toolkit; otherwise it is found from ``nvcc`` on PATH or /usr/local/cuda.
+- ``MAX_JOBS``: parallel compile jobs (ninja).
+
+The extension needs torch at build time: install with ``pip install --no-build-isolation .``.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root, looked for where it really is (torch would guess /usr/local)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return root
+    return None
+
+
+def _extensions():
+    if _flag("TRANSMIX_SKIP_EXT"):
+        return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME at import time.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
+    cuda_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
+    if not sources:
+        return [], {}
+    # A CUDA build of torch plus a toolkit is enough: the build host needs no GPU.
+    build_cuda = _flag("TRANSMIX_FORCE_CUDA") or (cuda_home is not None and torch.version.cuda is not None)
+    cxx_flags = ["-O3", "-std=c++17"]
+    if build_cuda and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        ext = CUDAExtension(
+            "transmix_kernels._C",
+            sources + cuda_sources,
+            define_macros=[("TRANSMIX_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        )
+    else:
+        ext = CppExtension("transmix_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,18 @@
+"""transmix-kernels: fused, exact TransMix for timm vision transformers.
+
+TransMix (Chen et al., CVPR 2022) is CutMix whose label weights are re-weighted by the
+transformer's own class attention on the mixed image::
+
+    lam_attn[b] = sum_j a[b, j] * (1 - m[b, j]) / sum_j a[b, j]
+    lam[b]      = ratio * lam_area[b] + (1 - ratio) * lam_attn[b]
+
+Every op takes ``impl="auto" | "triton" | "torch" | "reference"``.
+"""
+
+from . import reference
+
+# --- issue 2: mixing ops (sample_boxes, cutmix_paste, transmix_lambda, mix_targets, TransMix) ---
+
+# --- issue 3: attention capture, fused class-attention lambda, rollout ---
+
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Plain PyTorch twins of every fast op: same signatures, written for clarity, not speed.
+
+They follow the official TransMix code: a full (B, 1, H, W) pixel mask, a full partner copy of
+the batch, the token mask by ``F.interpolate(mode="nearest")`` and separate sums. Tests and
+benchmarks compare the fused kernels against these. Inputs are assumed valid: the public ops
+validate before dispatching here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import flipped_partner
+
+
+def sample_boxes(
+    lam: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    minmax: tuple[float, float] | None = None,
+    correct_lam: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's rand_bbox / rand_bbox_minmax, one sample at a time, from the same random draws."""
+    from .boxes import draw_box_randoms
+
+    batch = lam.shape[0]
+    draws = draw_box_randoms(batch, lam.device, minmax is not None, generator)
+    rows, lam_area = [], []
+    for b in range(batch):
+        if minmax is None:
+            # Arithmetic in lam's own precision, as timm does (float64 per batch, float32 per element).
+            ratio = torch.sqrt(1 - lam[b])
+            cut_h, cut_w = int(height * ratio), int(width * ratio)
+            cy = int(draws[0][b] * height)
+            cx = int(draws[1][b] * width)
+            y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + (cut_h + 1) // 2, 0), height)
+            x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + (cut_w + 1) // 2, 0), width)
+        else:
+            lo_h, hi_h = int(height * minmax[0]), int(height * minmax[1])
+            lo_w, hi_w = int(width * minmax[0]), int(width * minmax[1])
+            cut_h = lo_h + int(draws[0][b] * (hi_h - lo_h))
+            cut_w = lo_w + int(draws[1][b] * (hi_w - lo_w))
+            y0 = int(draws[2][b] * (height - cut_h + 1))
+            x0 = int(draws[3][b] * (width - cut_w + 1))
+            y1, x1 = y0 + cut_h, x0 + cut_w
+        rows.append([y0, y1, x0, x1])
+        if correct_lam or minmax is not None:
+            lam_area.append(1.0 - (y1 - y0) * (x1 - x0) / float(height * width))
+        else:
+            lam_area.append(float(lam[b]))
+    boxes = torch.tensor(rows, dtype=torch.int32, device=lam.device).view(batch, 4)
+    return boxes, torch.tensor(lam_area, dtype=torch.float64, device=lam.device).float()
+
+
+def box_pixel_mask(boxes: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """(B, 1, H, W) bool: True inside each sample's half-open box [y0, y1) x [x0, x1)."""
+    boxes = boxes.expand(batch, 4) if boxes.dim() == 1 else boxes
+    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
+    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
+    y0, y1, x0, x1 = (boxes[:, i].long().view(-1, 1, 1) for i in range(4))
+    return ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).unsqueeze(1)
+
+
+def cutmix_paste(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    partner: torch.Tensor | None = None,
+    *,
+    token_grid: tuple[int, int] | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Official-style paste: a full partner copy of the batch and a full pixel mask."""
+    batch, _, height, width = images.shape
+    if partner is None:
+        partner = flipped_partner(batch, images.device)
+    mask = box_pixel_mask(boxes, batch, height, width)
+    mixed = torch.where(mask, images[partner], images)
+    token_mask = None
+    if token_grid is not None:
+        token_mask = F.interpolate(mask.float(), size=tuple(token_grid), mode="nearest").flatten(1)
+    if inplace:
+        images.copy_(mixed)
+        mixed = images
+    return mixed, token_mask
+
+
+def transmix_lambda(
+    attn: torch.Tensor,
+    token_mask: torch.Tensor,
+    lam_area: torch.Tensor,
+    *,
+    ratio: float = 0.5,
+) -> torch.Tensor:
+    """lam = ratio * lam_area + (1 - ratio) * (attention share outside the box), per sample.
+
+    A row whose attention mass is zero or not finite carries no information: lam_attn falls
+    back to lam_area there.
+    """
+    a = attn.float()
+    if a.dim() == 3:
+        a = a.mean(1)
+    m = token_mask.float()
+    outside = (a * (1.0 - m)).sum(1)
+    mass = a.sum(1)
+    lam_area = lam_area.float()
+    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(outside)
+    lam_attn = torch.where(usable, outside / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
+    return ratio * lam_area + (1.0 - ratio) * lam_attn
+
+
+def mix_targets(
+    target: torch.Tensor,
+    lam: torch.Tensor,
+    num_classes: int,
+    *,
+    partner: torch.Tensor | None = None,
+    smoothing: float = 0.1,
+) -> torch.Tensor:
+    """timm's mixup_target with a per-sample lam: lam * y1 + (1 - lam) * y1[partner]."""
+    batch = target.shape[0]
+    if partner is None:
+        partner = flipped_partner(batch, target.device)
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    y1 = torch.full((batch, num_classes), off, device=target.device).scatter_(1, target.view(-1, 1), on)
+    y2 = y1[partner]
+    # (1 - lam) in lam's own precision, then float32: bit-identical to timm for float64 lam.
+    lam_self = lam.float().view(-1, 1)
+    lam_other = (1 - lam).float().view(-1, 1)
+    return y1 * lam_self + y2 * lam_other
+
+
+__all__ = ["sample_boxes", "cutmix_paste", "transmix_lambda", "mix_targets", "box_pixel_mask"]
