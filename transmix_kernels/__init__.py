@@ -12,6 +12,9 @@ Every op takes ``impl="auto" | "triton" | "torch" | "reference"``.
 from . import reference
 
 # --- issue 2: mixing ops (sample_boxes, cutmix_paste, transmix_lambda, mix_targets, TransMix) ---
+from .boxes import sample_boxes
+from .cutmix_paste import cutmix_paste
+from .transmix_lambda import mix_targets, transmix_lambda, transmix_targets
 
 # --- issue 3: attention capture, fused class-attention lambda, rollout ---
 

@@ -50,6 +50,13 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def dispatch_backend(impl: str, device: torch.device) -> str:
+    """Like :func:`resolve_impl`, but "auto" becomes "op": the torch.library op, which picks the
+    Triton kernel on CUDA and the PyTorch path on CPU, and which torch.compile can trace."""
+    backend = resolve_impl(impl, device)
+    return "op" if impl == "auto" else backend
+
+
 def check_tensor(
     name: str,
     value,

@@ -134,3 +134,69 @@ def mix_targets(
 
 
 __all__ = ["sample_boxes", "cutmix_paste", "transmix_lambda", "mix_targets", "box_pixel_mask"]
+
+
+# --- issue 3: class attention recomputed from q and k ---
+
+
+def _class_attention_probs(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, heads, N_total) softmax(q_cls k^T * scale), at least float32 (float64 stays float64)."""
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    logits = torch.einsum("bhd,bhnd->bhn", q_cls.to(dtype), k.to(dtype)) * scale
+    return torch.softmax(logits, dim=-1)
+
+
+def class_attention_lambda(
+    q_cls: torch.Tensor,
+    k: torch.Tensor,
+    token_mask: torch.Tensor,
+    lam_area: torch.Tensor,
+    *,
+    scale: float,
+    num_prefix_tokens: int = 1,
+    ratio: float = 0.5,
+) -> torch.Tensor:
+    """Materialise the class-token attention row, drop the prefix tokens, then transmix_lambda."""
+    attn = _class_attention_probs(q_cls, k, scale)[..., num_prefix_tokens:]
+    return transmix_lambda(attn, token_mask, lam_area, ratio=ratio)
+
+
+def class_attention_row(
+    q_cls: torch.Tensor, k: torch.Tensor, *, scale: float, num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Head mean of the class-to-patch probabilities, renormalised over the patch tokens."""
+    a = _class_attention_probs(q_cls, k, scale)[..., num_prefix_tokens:].mean(1)
+    return (a / a.sum(-1, keepdim=True)).float()
+
+
+def rollout_from_qk(
+    queries,
+    keys,
+    *,
+    scale: float,
+    residual: float = 0.5,
+    num_prefix_tokens: int = 1,
+    attn_bias=None,
+) -> torch.Tensor:
+    """Attention rollout the textbook way: full (N, N) matrices, multiplied as matrices.
+
+    A'_l = (1 - residual) * mean_h softmax(q_l k_l^T * scale + bias_l) + residual * I, rows
+    renormalised; R = A'_L @ ... @ A'_1; the class token's row of R on the patch columns,
+    renormalised over the patches.
+    """
+    dtype = torch.promote_types(keys[0].dtype, torch.float32)
+    rollout = None
+    for layer, (q, k) in enumerate(zip(queries, keys)):
+        logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+        if attn_bias is not None and attn_bias[layer] is not None:
+            logits = logits + attn_bias[layer].to(dtype)
+        attn = torch.softmax(logits, dim=-1).mean(1)
+        eye = torch.eye(attn.shape[-1], dtype=dtype, device=attn.device)
+        mixed = (1.0 - residual) * attn + residual * eye
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else torch.matmul(mixed, rollout)
+    row = rollout[:, 0, num_prefix_tokens:]
+    return (row / row.sum(-1, keepdim=True)).float()
+
+
+__all__ += ["class_attention_lambda", "class_attention_row", "rollout_from_qk"]

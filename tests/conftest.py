@@ -1,0 +1,73 @@
+"""Shared test plumbing: interpreter switch, seeds, NaN poisoning, informative comparisons."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Without a GPU the Triton kernels run under the interpreter; Triton reads this when the
+    # kernels are decorated, i.e. before transmix_kernels is first imported by a test module.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def seed() -> int:
+    torch.manual_seed(20221118)
+    return 20221118
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty / empty_like / empty_strided return NaN-filled (or -1 for ints) memory so
+    an element a kernel never writes fails the comparison (fla's poison_torch_memory idea)."""
+
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            out.fill_(float("nan") if out.is_floating_point() else -1)
+            return out
+
+        return wrapper
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    yield
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0) -> None:
+    """allclose with a message naming the tensor, the worst element, its index and the failing share.
+
+    NaN never passes, except where both are NaN at the same place (never in our outputs).
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    err = (a - e).abs()
+    err = torch.where(torch.isnan(a) | torch.isnan(e), torch.full_like(err, float("inf")), err)
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    if bool(bad.any()):
+        flat = int(torch.argmax(torch.where(bad, err - bound, torch.full_like(err, -1.0))))
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+        share = float(bad.double().mean())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements ({share:.2%}) exceed atol={atol:g}, rtol={rtol:g}; "
+            f"worst at index {idx}: actual {a.flatten()[flat].item()!r}, expected {e.flatten()[flat].item()!r}, "
+            f"|diff| {err.flatten()[flat].item():.3g}"
+        )
+
+
+def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bitwise equality (data movement ops); same dtype required."""
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
+    assert_close(name, actual, expected, atol=0.0, rtol=0.0)

@@ -1,0 +1,112 @@
+"""CutMix box sampling with timm's rand_bbox / rand_bbox_minmax semantics, vectorised over samples."""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import check_range, check_tensor, resolve_impl
+
+
+def draw_box_randoms(
+    batch: int, device: torch.device, minmax: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Uniform [0, 1) float64 draws that place the boxes: (2, B) centres, or (4, B) sizes + corners.
+
+    The fast path and the reference twin consume the same draws, so one generator state gives
+    the same boxes in both.
+    """
+    return torch.rand((4 if minmax else 2, batch), generator=generator, device=device, dtype=torch.float64)
+
+
+def _boxes_torch(lam, height, width, minmax, correct_lam, generator):
+    batch = lam.shape[0]
+    draws = draw_box_randoms(batch, lam.device, minmax is not None, generator)
+    if minmax is None:
+        # timm computes in lam's precision: float64 for one lam per batch, float32 per element.
+        ratio = torch.sqrt(1 - lam)
+        cut_h = (height * ratio).long()
+        cut_w = (width * ratio).long()
+        cy = (draws[0] * height).long()
+        cx = (draws[1] * width).long()
+        y0 = (cy - cut_h // 2).clamp(0, height)
+        y1 = (cy + (cut_h + 1) // 2).clamp(0, height)
+        x0 = (cx - cut_w // 2).clamp(0, width)
+        x1 = (cx + (cut_w + 1) // 2).clamp(0, width)
+    else:
+        lo_h, hi_h = int(height * minmax[0]), int(height * minmax[1])
+        lo_w, hi_w = int(width * minmax[0]), int(width * minmax[1])
+        cut_h = lo_h + (draws[0] * (hi_h - lo_h)).long()
+        cut_w = lo_w + (draws[1] * (hi_w - lo_w)).long()
+        y0 = (draws[2] * (height - cut_h + 1)).long()
+        x0 = (draws[3] * (width - cut_w + 1)).long()
+        y1, x1 = y0 + cut_h, x0 + cut_w
+    boxes = torch.stack([y0, y1, x0, x1], dim=1).to(torch.int32)
+    if correct_lam or minmax is not None:
+        lam_area = 1.0 - ((y1 - y0) * (x1 - x0)).double() / float(height * width)
+    else:
+        lam_area = lam.double()
+    return boxes, lam_area.float()
+
+
+def _check_minmax(minmax, height: int, width: int):
+    if minmax is None:
+        return None
+    if not isinstance(minmax, (tuple, list)) or len(minmax) != 2:
+        raise ValueError(f"minmax must be a (min, max) pair of box-side ratios, got {minmax!r}")
+    lo = check_range("minmax[0]", minmax[0], 0.0, 1.0)
+    hi = check_range("minmax[1]", minmax[1], 0.0, 1.0)
+    if int(height * lo) >= int(height * hi) or int(width * lo) >= int(width * hi):
+        raise ValueError(
+            f"minmax={tuple(minmax)} gives an empty range of box sides for a {height}x{width} image: "
+            "need int(size * min) < int(size * max)"
+        )
+    return (lo, hi)
+
+
+def sample_boxes(
+    lam: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    minmax: tuple[float, float] | None = None,
+    correct_lam: bool = True,
+    generator: torch.Generator | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one CutMix box per sample, as timm's ``rand_bbox`` (or ``rand_bbox_minmax``).
+
+    Args:
+        lam: (B,) float32/float64 in [0, 1], the drawn mixing ratios (own-image share). The side
+            arithmetic runs in lam's dtype, as timm does (float64 per batch, float32 per element).
+        height, width: image size H, W.
+        minmax: optional (min, max) box-side ratios; lam is then ignored for the box size.
+        correct_lam: lam_area from the clipped box area (always so with minmax).
+        generator: torch.Generator on lam's device for the box positions.
+
+    Returns:
+        boxes: (B, 4) int32 ``[y0, y1, x0, x1]``, half-open, clipped to the image.
+        lam_area: (B,) float32, the share of each sample's own pixels left visible.
+
+    Example::
+
+        lam = torch.distributions.Beta(1.0, 1.0).sample((64,))
+        boxes, lam_area = tk.sample_boxes(lam, 224, 224)
+    """
+    check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
+    for name, size in (("height", height), ("width", width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    minmax = _check_minmax(minmax, height, width)
+    if lam.numel() and (not bool(torch.isfinite(lam).all()) or float(lam.min()) < 0 or float(lam.max()) > 1):
+        raise ValueError(f"lam must hold values in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
+    if generator is not None and generator.device.type != lam.device.type:
+        raise ValueError(f"generator must be on lam's device {lam.device}, got {generator.device}")
+    backend = resolve_impl(impl, lam.device)
+    if backend == "reference":
+        from . import reference
+
+        return reference.sample_boxes(
+            lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator
+        )
+    # Box sampling is a few scalar ops per sample: PyTorch is the kernel on every device.
+    return _boxes_torch(lam, height, width, minmax, correct_lam, generator)

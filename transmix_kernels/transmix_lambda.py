@@ -1,0 +1,310 @@
+"""TransMix label re-weighting: masked class-attention reduction -> lambda -> soft targets.
+
+One Triton launch does all three. Per sample b (heads averaged; the average cancels)::
+
+    mass[b]     = sum_{h,j} attn[b, h, j]
+    outside[b]  = sum_{h,j} attn[b, h, j] * (1 - token_mask[b, j])
+    lam_attn[b] = outside[b] / mass[b]        (lam_area[b] if mass is 0 or not finite)
+    lam[b]      = ratio * lam_area[b] + (1 - ratio) * lam_attn[b]
+    targets[b]  = lam[b] * onehot_s(y[b]) + (1 - lam[b]) * onehot_s(y[partner[b]])
+
+The targets follow timm's ``mixup_target`` operation for operation, so a float64 lam (one per
+batch, as timm keeps it) gives bit-identical area targets.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    FLOAT_DTYPES,
+    block_size,
+    check_batch,
+    check_index_range,
+    check_range,
+    check_tensor,
+    dispatch_backend,
+    flipped_partner,
+)
+
+
+@triton.jit
+def _transmix_targets_kernel(
+    attn_ptr, mask_ptr, lam_ptr, target_ptr, partner_ptr, lam_out_ptr, targets_ptr,
+    HEADS, N, K, a_b, a_h, a_n, m_b, m_n,
+    ratio, one_minus_ratio, on_value, off_value,
+    HAS_ATTN: tl.constexpr, WRITE_TARGETS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    k_tile = tl.program_id(1).to(tl.int64)
+    lam_in = tl.load(lam_ptr + b)
+    if HAS_ATTN:
+        lam_area = lam_in.to(tl.float32)
+        mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+        outside = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for n_start in range(0, N, BLOCK_N):
+            n = n_start + tl.arange(0, BLOCK_N)
+            valid = n < N
+            m = tl.load(mask_ptr + b * m_b + n * m_n, mask=valid, other=0).to(tl.float32)
+            for h in range(0, HEADS):
+                a = tl.load(attn_ptr + b * a_b + h * a_h + n * a_n, mask=valid, other=0).to(tl.float32)
+                mass += a
+                outside += a * (1.0 - m)
+        total = tl.sum(mass, axis=0)
+        kept = tl.sum(outside, axis=0)
+        # No attention information (zero, inf or NaN mass): keep the area label.
+        usable = (total > 0) & (total < float("inf")) & (kept == kept) & (kept < float("inf"))
+        lam_attn = tl.where(usable, kept / tl.where(usable, total, 1.0), lam_area)
+        lam = ratio * lam_area + one_minus_ratio * lam_attn
+        lam_self = lam
+        lam_other = 1.0 - lam
+    else:
+        lam = lam_in.to(tl.float32)
+        lam_self = lam
+        # 1 - lam in lam's own precision, as timm: exact for a float64 per-batch lam.
+        lam_other = (1.0 - lam_in).to(tl.float32)
+    if k_tile == 0:
+        tl.store(lam_out_ptr + b, lam)
+    if WRITE_TARGETS:
+        y_self = tl.load(target_ptr + b)
+        y_other = tl.load(target_ptr + tl.load(partner_ptr + b))
+        k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        y1 = tl.where(k == y_self, on_value, off_value)
+        y2 = tl.where(k == y_other, on_value, off_value)
+        tl.store(targets_ptr + b * K + k, y1 * lam_self + y2 * lam_other, mask=k < K)
+
+
+def _smoothing_values(num_classes: int, smoothing: float) -> tuple[float, float]:
+    off = smoothing / max(num_classes, 1)
+    return 1.0 - smoothing + off, off
+
+
+def _run_triton(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    batch = lam.shape[0]
+    lam_out = torch.empty(batch, device=lam.device, dtype=torch.float32)
+    write_targets = target is not None
+    targets = torch.empty((batch, num_classes if write_targets else 0), device=lam.device, dtype=torch.float32)
+    if batch == 0:
+        return lam_out, targets
+    has_attn = attn is not None
+    if has_attn:
+        a3 = attn if attn.dim() == 3 else attn.unsqueeze(1)
+        heads, n_tokens = a3.shape[1], a3.shape[2]
+        a_strides = a3.stride()
+        m_strides = token_mask.stride()
+    else:
+        a3 = token_mask = lam  # placeholders, never read
+        heads, n_tokens, a_strides, m_strides = 0, 0, (0, 0, 0), (0, 0)
+    block_n = block_size(max(n_tokens, 1), cap=1024)
+    block_k = block_size(max(num_classes, 1), cap=1024)
+    on_value, off_value = _smoothing_values(num_classes, smoothing)
+    grid = (batch, triton.cdiv(num_classes, block_k) if write_targets else 1)
+    _transmix_targets_kernel[grid](
+        a3, token_mask, lam, target if write_targets else lam, partner if write_targets else lam, lam_out, targets,
+        heads, n_tokens, num_classes, *a_strides, *m_strides,
+        ratio, 1.0 - ratio, on_value, off_value,
+        HAS_ATTN=has_attn, WRITE_TARGETS=write_targets, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return lam_out, targets
+
+
+# ---------------------------------------------------------------- PyTorch (CPU) path
+
+
+def _lambda_torch(attn, token_mask, lam_area, ratio):
+    a = attn.float() if attn.dim() == 3 else attn.float().unsqueeze(1)
+    mass = a.sum((1, 2))
+    kept = (a * (1.0 - token_mask.float()).unsqueeze(1)).sum((1, 2))
+    lam_area = lam_area.float()
+    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(kept)
+    lam_attn = torch.where(usable, kept / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
+    return ratio * lam_area + (1.0 - ratio) * lam_attn
+
+
+def _targets_torch(target, lam_self, lam_other, partner, num_classes, smoothing):
+    """Soft targets without building two one-hot matrices: every entry is one of four sums,
+    each computed exactly as ``y1 * lam_self + y2 * lam_other`` would compute it."""
+    on, off = _smoothing_values(num_classes, smoothing)
+    on_t = torch.tensor(on, dtype=torch.float32, device=target.device)
+    off_t = torch.tensor(off, dtype=torch.float32, device=target.device)
+    lam_self, lam_other = lam_self.view(-1, 1), lam_other.view(-1, 1)
+    y_self, y_other = target.view(-1, 1), target[partner].view(-1, 1)
+    out = (off_t * lam_self + off_t * lam_other).expand(-1, num_classes).contiguous()
+    out.scatter_(1, y_other, off_t * lam_self + on_t * lam_other)
+    self_other = torch.where(y_self == y_other, on_t, off_t)
+    out.scatter_(1, y_self, on_t * lam_self + self_other * lam_other)
+    return out
+
+
+def _run_torch(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    if attn is not None:
+        lam_out = _lambda_torch(attn, token_mask, lam, ratio)
+        lam_self, lam_other = lam_out, 1.0 - lam_out
+    else:
+        # A copy, never an alias of the caller's lam (custom ops must not return their inputs).
+        lam_out = lam.to(torch.float32, copy=True)
+        lam_self, lam_other = lam_out, (1 - lam).float()
+    if target is None:
+        return lam_out, lam_out.new_empty((lam.shape[0], 0))
+    return lam_out, _targets_torch(target, lam_self, lam_other, partner, num_classes, smoothing)
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+
+@torch.library.custom_op("transmix::lambda_targets", mutates_args=())
+def _lambda_targets_op(
+    attn: Optional[torch.Tensor], token_mask: Optional[torch.Tensor], lam: torch.Tensor,
+    target: Optional[torch.Tensor], partner: Optional[torch.Tensor], num_classes: int, ratio: float, smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run_torch(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
+
+
+@_lambda_targets_op.register_kernel("cuda")
+def _(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    return _run_triton(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
+
+
+@_lambda_targets_op.register_fake
+def _(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    batch = lam.shape[0]
+    width = num_classes if target is not None else 0
+    return lam.new_empty((batch,), dtype=torch.float32), lam.new_empty((batch, width), dtype=torch.float32)
+
+
+def _run(impl, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    backend = dispatch_backend(impl, lam.device)
+    args = (attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
+    if backend == "triton":
+        return _run_triton(*args)
+    if backend == "torch":
+        return _run_torch(*args)
+    if backend == "op":
+        return _lambda_targets_op(*args)
+    from . import reference
+
+    lam_out = lam.float() if attn is None else reference.transmix_lambda(attn, token_mask, lam, ratio=ratio)
+    if target is None:
+        return lam_out, lam_out.new_empty((lam.shape[0], 0))
+    lam_for_targets = lam if attn is None else lam_out
+    return lam_out, reference.mix_targets(target, lam_for_targets, num_classes, partner=partner, smoothing=smoothing)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_attention(attn, token_mask, lam_area):
+    check_tensor("attn", attn, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor("token_mask", token_mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,), device=attn.device)
+    check_tensor("lam_area", lam_area, ndim=1, dtypes=(torch.float32, torch.float64), device=attn.device)
+    batch = attn.shape[0]
+    check_batch("token_mask", token_mask, batch)
+    check_batch("lam_area", lam_area, batch)
+    if token_mask.shape[1] != attn.shape[-1]:
+        raise ValueError(
+            f"attn and token_mask must cover the same tokens: attn has {attn.shape[-1]} (shape {tuple(attn.shape)}), "
+            f"token_mask has {token_mask.shape[1]} (shape {tuple(token_mask.shape)})"
+        )
+    return token_mask.to(torch.uint8) if token_mask.dtype == torch.bool else token_mask
+
+
+def _check_targets(target, num_classes, partner, smoothing, device, batch):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=device)
+    if target.shape[0] != batch:
+        raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
+    check_index_range("target", target, 0, num_classes)
+    check_range("smoothing", smoothing, 0.0, 1.0)
+    if partner is None:
+        return flipped_partner(batch, device)
+    check_tensor("partner", partner, ndim=1, dtypes=(torch.int64,), device=device)
+    if partner.shape[0] != batch:
+        raise ValueError(f"partner must have shape ({batch},) (one index per sample), got {tuple(partner.shape)}")
+    check_index_range("partner", partner, 0, batch)
+    return partner
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def transmix_lambda(
+    attn: torch.Tensor,
+    token_mask: torch.Tensor,
+    lam_area: torch.Tensor,
+    *,
+    ratio: float = 0.5,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Each sample's own-label share: the area ratio blended with the attention share outside the box.
+
+    Args:
+        attn: (B, N) or (B, heads, N) class-to-patch attention probabilities (heads are averaged).
+        token_mask: (B, N) float or bool, 1 where a patch token lies in the pasted box.
+        lam_area: (B,) float32/float64, the share of each sample's own pixels.
+        ratio: weight of lam_area (0.5 in the paper).
+
+    Returns:
+        lam: (B,) float32. A row whose attention mass is zero or not finite has no attention
+        information, so its lam_attn is lam_area (lam = lam_area): never a NaN.
+    """
+    token_mask = _check_attention(attn, token_mask, lam_area)
+    ratio = check_range("ratio", ratio, 0.0, 1.0)
+    lam, _ = _run(impl, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
+    return lam
+
+
+def mix_targets(
+    target: torch.Tensor,
+    lam: torch.Tensor,
+    num_classes: int,
+    *,
+    partner: torch.Tensor | None = None,
+    smoothing: float = 0.1,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Soft targets ``lam * onehot_s(y) + (1 - lam) * onehot_s(y[partner])``, as timm's mixup_target.
+
+    Args:
+        target: (B,) int64 class indices in [0, num_classes).
+        lam: (B,) float32 or float64 own-label share (float64 reproduces timm's per-batch
+            Python-float lam bit for bit).
+        partner: (B,) int64, default the flipped batch ``B-1-i``.
+        smoothing: label smoothing s: off = s / K, on = 1 - s + off.
+
+    Returns:
+        (B, num_classes) float32.
+    """
+    check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
+    partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
+    _, targets = _run(impl, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
+    return targets
+
+
+def transmix_targets(
+    attn: torch.Tensor,
+    token_mask: torch.Tensor,
+    lam_area: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    *,
+    partner: torch.Tensor | None = None,
+    ratio: float = 0.5,
+    smoothing: float = 0.1,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`transmix_lambda` and :func:`mix_targets` fused in one launch.
+
+    Returns:
+        targets: (B, num_classes) float32 and lam: (B,) float32.
+    """
+    token_mask = _check_attention(attn, token_mask, lam_area)
+    ratio = check_range("ratio", ratio, 0.0, 1.0)
+    partner = _check_targets(target, num_classes, partner, smoothing, attn.device, attn.shape[0])
+    lam, targets = _run(impl, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing))
+    return targets, lam
