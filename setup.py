@@ -55,14 +55,16 @@ def _extensions():
         return [], {}
     # A CUDA build of torch plus a toolkit is enough: the build host needs no GPU.
     build_cuda = _flag("TRANSMIX_FORCE_CUDA") or (cuda_home is not None and torch.version.cuda is not None)
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 since
+    # torch 2.10) whenever none is given, and an explicit older one breaks the build.
+    cxx_flags = ["-O3"]
     if build_cuda and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         ext = CUDAExtension(
             "transmix_kernels._C",
             sources + cuda_sources,
             define_macros=[("TRANSMIX_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
         )
     else:
         ext = CppExtension("transmix_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})

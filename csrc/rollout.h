@@ -10,7 +10,8 @@
 // intermediate exists on the row path.
 #pragma once
 
-#include <torch/extension.h>
+// ATen only (no torch/extension.h): the .cu includes this header, and nvcc need not parse pybind11.
+#include <ATen/ATen.h>
 
 #include <string>
 #include <vector>

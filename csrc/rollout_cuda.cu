@@ -9,8 +9,11 @@
 // is deterministic. The block's rows are read twice; the second read hits L1/L2 (rows x heads x N).
 #include "rollout.h"
 
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a minimal
+// toolkit (nvcc + cudart) lacks and these kernels do not use.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 
 #include <string>
@@ -156,8 +159,8 @@ void dispatch_fusion(HeadFusion fusion, Fn&& fn) {
 
 void attention_rollout_row_cuda(const std::vector<at::Tensor>& attentions, float residual, HeadFusion fusion,
                                 int64_t num_prefix_tokens, at::Tensor& out) {
-  const at::cuda::CUDAGuard guard(attentions[0].device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(attentions[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t batch = attentions[0].size(0), n = attentions[0].size(2);
   const int heads = static_cast<int>(attentions[0].size(1));
   TORCH_CHECK_VALUE(batch <= 65535, "attention_rollout on CUDA supports B <= 65535, got ", batch);
@@ -189,8 +192,8 @@ void attention_rollout_row_cuda(const std::vector<at::Tensor>& attentions, float
 }
 
 void rollout_layer_cuda(const at::Tensor& attention, float residual, HeadFusion fusion, at::Tensor& out) {
-  const at::cuda::CUDAGuard guard(attention.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(attention.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t batch = attention.size(0), n = attention.size(2);
   const int heads = static_cast<int>(attention.size(1));
   TORCH_CHECK_VALUE(batch <= 65535, "attention_rollout on CUDA supports B <= 65535, got ", batch);

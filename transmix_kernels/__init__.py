@@ -15,7 +15,11 @@ from . import reference
 from .boxes import sample_boxes
 from .cutmix_paste import cutmix_paste
 from .transmix_lambda import mix_targets, transmix_lambda, transmix_targets
+from .mixer import MixState, TransMix
 
 # --- issue 3: attention capture, fused class-attention lambda, rollout ---
+from .class_attention_lambda import class_attention_lambda, class_attention_row
+from .qk_rollout import rollout_from_qk
+from .probe import ClassAttentionProbe, infer_token_grid, register_attention_family
 
 __version__ = "0.1.0"

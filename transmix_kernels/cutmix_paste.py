@@ -196,36 +196,46 @@ def token_mask_torch(boxes: torch.Tensor, batch: int, height: int, width: int, g
     return (rows[:, :, None] & cols[:, None, :]).reshape(batch, gh * gw).float()
 
 
-def _box_pixels(boxes: torch.Tensor, batch: int, height: int, width: int):
-    """Indices (b, y, x) of every pixel inside its sample's box, without a Python loop."""
-    b = boxes.long()
-    ys = torch.arange(height, device=boxes.device)
-    xs = torch.arange(width, device=boxes.device)
-    rows = (ys[None, :] >= b[:, 0:1]) & (ys[None, :] < b[:, 1:2])
-    cols = (xs[None, :] >= b[:, 2:3]) & (xs[None, :] < b[:, 3:4])
-    return (rows[:, :, None] & cols[:, None, :]).nonzero(as_tuple=True)
-
-
-def _move_boxes_torch(source: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor) -> None:
-    """target[b][box b] = source[partner[b]][box b] for every b; reads complete before writes."""
-    batch, _, height, width = source.shape
+def _move_boxes_torch(images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor) -> None:
+    """images[b][box b] = images[partner[b]][box b] for every b, in place: every read completes
+    before the first write, so any partner permutation and any box overlap is safe."""
+    batch, channels, height, width = images.shape
     if boxes.dim() == 1:
         y0, y1, x0, x1 = (int(v) for v in boxes.tolist())
-        # Advanced indexing on the right-hand side gathers a copy first: in-place safe.
-        target[:, :, y0:y1, x0:x1] = source[partner, :, y0:y1, x0:x1]
+        # Advanced indexing on the right-hand side gathers a copy first.
+        images[:, :, y0:y1, x0:x1] = images[partner, :, y0:y1, x0:x1]
         return
-    bi, yi, xi = _box_pixels(boxes, batch, height, width)
-    target[bi, :, yi, xi] = source[partner[bi], :, yi, xi]
+    # Work on whole image rows that cross a box: index_select / index_copy of contiguous rows are
+    # memcpy-speed, and a column mask keeps pixels outside the box as they are.
+    b = boxes.long()
+    ys = torch.arange(height, device=images.device)
+    xs = torch.arange(width, device=images.device)
+    row_b, row_y = ((ys[None, :] >= b[:, 0:1]) & (ys[None, :] < b[:, 1:2])).nonzero(as_tuple=True)
+    cols = ((xs[None, :] >= b[:, 2:3]) & (xs[None, :] < b[:, 3:4]))[row_b]
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        rows = images.permute(0, 2, 3, 1).reshape(batch * height, width * channels)
+        dst, src = row_b * height + row_y, partner[row_b] * height + row_y
+        cols = cols.repeat_interleave(channels, dim=1)
+    else:
+        rows = images.view(batch * channels * height, width)
+        chan = torch.arange(channels, device=images.device) * height
+        dst = (row_b[:, None] * (channels * height) + chan + row_y[:, None]).flatten()
+        src = (partner[row_b][:, None] * (channels * height) + chan + row_y[:, None]).flatten()
+        cols = cols.repeat_interleave(channels, dim=0)
+    source, kept = rows.index_select(0, src), rows.index_select(0, dst)
+    torch.where(cols, source, kept, out=kept)
+    rows.index_copy_(0, dst, kept)
 
 
 def _paste_torch(images, boxes, partner, gh, gw):
-    out = images.clone()
-    _move_boxes_torch(images, out, boxes, partner)
+    dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
+    out = images.clone() if dense else images.contiguous()
+    _move_boxes_torch(out, boxes, partner)
     return out, _token_mask_or_empty(boxes, images, gh, gw)
 
 
 def _paste_inplace_torch(images, boxes, partner, gh, gw):
-    _move_boxes_torch(images, images, boxes, partner)
+    _move_boxes_torch(images, boxes, partner)
     return _token_mask_or_empty(boxes, images, gh, gw)
 
 

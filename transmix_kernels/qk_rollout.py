@@ -27,7 +27,15 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from ._utils import FLOAT_DTYPES, HAS_TRITON, block_size, check_range, check_tensor, dispatch_backend
+from ._utils import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    TRITON_INTERPRET,
+    block_size,
+    check_range,
+    check_tensor,
+    dispatch_backend,
+)
 
 if HAS_TRITON:
     import triton
@@ -40,7 +48,7 @@ if HAS_TRITON:
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_bb, stride_bh, stride_bi, stride_bj,
         n_tokens, head_dim, scale,
-        HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """[rows, cols] fp32 logits scale * q_i . k_j (+ bias_ij); -inf on padded keys."""
         dims = tl.arange(0, BLOCK_D)
@@ -53,7 +61,11 @@ if HAS_TRITON:
             k_ptr + b * stride_kb + h * stride_kh + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
             mask=(cols < n_tokens)[None, :] & d_ok[:, None], other=0.0,
         )
-        # IEEE fp32 products: TF32 would cost ~1e-3 relative on the logits (irrelevant for bf16/fp16).
+        if UPCAST:
+            q = q.to(tl.float32)
+            kt = kt.to(tl.float32)
+        # IEEE fp32 products: TF32 would cost ~1e-3 relative on the logits (irrelevant for bf16/fp16,
+        # whose products are exact in the fp32 accumulator).
         logits = tl.dot(q, kt, input_precision="ieee") * scale
         if HAS_BIAS:
             logits += tl.load(
@@ -69,7 +81,8 @@ if HAS_TRITON:
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_bb, stride_bh, stride_bi, stride_bj,
         heads, n_tokens, n_query, head_dim, scale, mix,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Pass 1, one (sample, head, query block): coef = mix * v_i / Z_i and the row max mu_i."""
         pid_bh = tl.program_id(0).to(tl.int64)
@@ -85,7 +98,7 @@ if HAS_TRITON:
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_bb, stride_bh, stride_bi, stride_bj,
-                n_tokens, head_dim, scale, HAS_BIAS, BLOCK_D,
+                n_tokens, head_dim, scale, HAS_BIAS, UPCAST, BLOCK_D,
             )
             mu_new = tl.maximum(mu, tl.max(logits, axis=1))
             # A row masked to -inf throughout keeps mu = -inf; shift by 0 to avoid inf - inf.
@@ -105,7 +118,8 @@ if HAS_TRITON:
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_bb, stride_bh, stride_bi, stride_bj,
         heads, n_tokens, n_query, head_dim, scale, residual,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Pass 2, one (sample, key block): v_new[j] = sum_h sum_i coef_hi exp(s_hij - mu_hi) + r v[j]."""
         b = tl.program_id(0).to(tl.int64)
@@ -123,10 +137,11 @@ if HAS_TRITON:
                     stride_qb, stride_qh, stride_qn, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_bb, stride_bh, stride_bi, stride_bj,
-                    n_tokens, head_dim, scale, HAS_BIAS, BLOCK_D,
+                    n_tokens, head_dim, scale, HAS_BIAS, UPCAST, BLOCK_D,
                 )
                 coef = tl.load(coef_ptr + stats + rows, mask=row_ok, other=0.0)
-                mu = tl.load(mu_ptr + stats + rows, mask=row_ok, other=0.0)
+                # mu = +inf on rows outside n_query: exp underflows to 0 instead of overflowing.
+                mu = tl.load(mu_ptr + stats + rows, mask=row_ok, other=float("inf"))
                 p = tl.where(row_ok[:, None], tl.exp(logits - mu[:, None]), 0.0)
                 acc += tl.sum(p * coef[:, None], axis=0)
         v = tl.load(v_ptr + b * n_tokens + cols, mask=col_ok, other=0.0)
@@ -149,15 +164,19 @@ def _rollout_triton(queries, keys, attn_bias, scale, residual, num_prefix_tokens
     v[:, 0] = 1.0
     v_next = torch.empty_like(v)
     block = min(64, block_size(n_tokens))
+    # The Triton interpreter (CPU) multiplies bf16 tiles as raw bits; on a GPU they go to tl.dot as is.
+    upcast = TRITON_INTERPRET and queries[0].dtype == torch.bfloat16
     for layer in range(len(queries) - 1, -1, -1):
         q, k = queries[layer], keys[layer]
         heads, head_dim = q.shape[1], q.shape[3]
-        bias, bias_strides, has_bias = _bias_view(None if attn_bias is None else attn_bias[layer], q)
+        bias, bias_strides, has_bias = _bias_view(attn_bias[layer], q)
         # Only row 0 of v is non-zero before the first (last-block) step.
         n_query = 1 if layer == len(queries) - 1 else n_tokens
         coef = torch.empty(batch, heads, n_tokens, device=device, dtype=torch.float32)
         mu = torch.empty_like(coef)
-        common = dict(HAS_BIAS=has_bias, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_size(head_dim), num_warps=4)
+        common = dict(
+            HAS_BIAS=has_bias, UPCAST=upcast, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_size(head_dim), num_warps=4
+        )
         strides = (*q.stride(), *k.stride(), *bias_strides)
         _qk_rollout_row_stats_kernel[(batch * heads, triton.cdiv(n_query, block))](
             q, k, bias, v, coef, mu, *strides,
@@ -179,7 +198,7 @@ def _rollout_torch(queries, keys, attn_bias, scale, residual, num_prefix_tokens,
     v[:, 0] = 1.0
     for layer in range(len(queries) - 1, -1, -1):
         q, k = queries[layer].float(), keys[layer].float().transpose(-1, -2)
-        bias = None if attn_bias is None else attn_bias[layer]
+        bias = attn_bias[layer]
         heads = q.shape[1]
         n_query = 1 if layer == len(queries) - 1 else n_tokens
         v_new = residual * v
@@ -198,7 +217,7 @@ def _rollout_torch(queries, keys, attn_bias, scale, residual, num_prefix_tokens,
 
 @torch.library.custom_op("transmix::rollout_from_qk", mutates_args=())
 def _rollout_from_qk_op(
-    queries: list[torch.Tensor], keys: list[torch.Tensor], attn_bias: Optional[list[Optional[torch.Tensor]]],
+    queries: list[torch.Tensor], keys: list[torch.Tensor], attn_bias: list[Optional[torch.Tensor]],
     scale: float, residual: float, num_prefix_tokens: int,
 ) -> torch.Tensor:
     return _rollout_torch(queries, keys, attn_bias, scale, residual, num_prefix_tokens)
@@ -214,7 +233,17 @@ if HAS_TRITON:
     _rollout_from_qk_op.register_kernel("cuda")(_rollout_triton)
 
 
-def _check_blocks(queries, keys, attn_bias, scale, num_prefix_tokens) -> tuple[list, list, Optional[list]]:
+def _check_bias(name: str, bias, target: tuple[int, int, int, int], device: torch.device) -> None:
+    check_tensor(name, bias, dtypes=FLOAT_DTYPES, device=device)
+    try:
+        fits = bias.dim() <= 4 and torch.broadcast_shapes(bias.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} must broadcast to (B, heads, N, N) = {target}, got {tuple(bias.shape)}")
+
+
+def _check_blocks(queries, keys, attn_bias, scale, num_prefix_tokens) -> tuple[list, list, list]:
     for name, value in (("queries", queries), ("keys", keys)):
         if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
             raise TypeError(f"{name} must be a list of (B, heads, N, D) tensors, one per block, got {type(value).__name__}")
@@ -236,20 +265,16 @@ def _check_blocks(queries, keys, attn_bias, scale, num_prefix_tokens) -> tuple[l
                 f"(shape (B, heads, N, D)), got {tuple(q.shape)}"
             )
     if attn_bias is not None:
-        if isinstance(attn_bias, torch.Tensor) or not isinstance(attn_bias, Sequence) or len(attn_bias) != len(queries):
+        if isinstance(attn_bias, torch.Tensor) or not isinstance(attn_bias, Sequence):
             raise TypeError(
-                f"attn_bias must be None or a list with one entry (None or a tensor) per block "
-                f"({len(queries)} blocks), got {type(attn_bias).__name__}"
+                f"attn_bias must be None or a list with one entry (None or a tensor) per block, "
+                f"got {type(attn_bias).__name__}"
             )
+        if len(attn_bias) != len(queries):
+            raise ValueError(f"attn_bias must have one entry per block ({len(queries)}), got {len(attn_bias)}")
         for layer, bias in enumerate(attn_bias):
-            if bias is None:
-                continue
-            check_tensor(f"attn_bias[{layer}]", bias, dtypes=FLOAT_DTYPES, device=first.device)
-            target = (batch, queries[layer].shape[1], n_tokens, n_tokens)
-            if bias.dim() > 4 or torch.broadcast_shapes(bias.shape, target) != target:
-                raise ValueError(f"attn_bias[{layer}] must broadcast to (B, heads, N, N) = {target}, got {tuple(bias.shape)}")
-        if all(bias is None for bias in attn_bias):
-            attn_bias = None
+            if bias is not None:
+                _check_bias(f"attn_bias[{layer}]", bias, (batch, queries[layer].shape[1], n_tokens, n_tokens), first.device)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
@@ -259,7 +284,8 @@ def _check_blocks(queries, keys, attn_bias, scale, num_prefix_tokens) -> tuple[l
             f"num_prefix_tokens must be in [0, {n_tokens}) so at least one patch token is left "
             f"(the blocks have N = {n_tokens} tokens), got {num_prefix_tokens}"
         )
-    return list(queries), list(keys), None if attn_bias is None else list(attn_bias)
+    # One entry per block always: the registered op's schema has no optional list.
+    return list(queries), list(keys), [None] * len(queries) if attn_bias is None else list(attn_bias)
 
 
 def rollout_from_qk(
@@ -298,7 +324,7 @@ def rollout_from_qk(
     # An attention map for labels or display: no gradient; detach() is a free view.
     queries = [q.detach() for q in queries]
     keys = [k.detach() for k in keys]
-    attn_bias = None if attn_bias is None else [None if b is None else b.detach() for b in attn_bias]
+    attn_bias = [None if bias is None else bias.detach() for bias in attn_bias]
     scale = float(scale)
     if backend == "reference":
         return reference.rollout_from_qk(

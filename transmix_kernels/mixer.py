@@ -1,0 +1,358 @@
+"""``tk.TransMix``: a drop-in for timm's Mixup whose CutMix labels follow the model's attention.
+
+    transmix = tk.TransMix(num_classes=1000, patch_size=16)
+    images, mix = transmix(images, target)          # mixes in place, like timm
+    logits = model(images)
+    loss = criterion(logits, mix.targets(attn))     # or mix.targets(probe); mix.targets() = timm's
+
+The hyper-parameters mean what they mean in ``timm.data.Mixup``. Random draws come from the
+object's own generators (``seed``), so two ranks of a job can be given different seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._utils import check_index_range, check_range, check_tensor, FLOAT_DTYPES, flipped_partner
+from .boxes import sample_boxes
+from .cutmix_paste import _dispatch as _paste_dispatch
+from .cutmix_paste import token_mask_torch
+from .transmix_lambda import mix_targets, transmix_targets, transmix_lambda
+
+MODES = ("batch", "pair", "elem")
+
+
+@dataclass
+class MixState:
+    """What one call of :class:`TransMix` did to a batch, and how to label it.
+
+    Attributes:
+        kind: "cutmix", "mixup" or "none" for the whole batch, "mixed" when per-sample modes
+            drew several kinds.
+        cutmix: (B,) bool, rows that got a pasted box (only these are attention-reweighted).
+        boxes: (B, 4) int32 ``[y0, y1, x0, x1]`` on the images' device (empty boxes for rows
+            without CutMix).
+        partner: (B,) int64, the image each row was mixed with.
+        lam: (B,) the label weight timm would use: float64 per batch, float32 per element.
+        lam_area: (B,) float32 own-pixel share of CutMix rows (lam for the other rows).
+        token_grid: (gh, gw) of the token mask made during the paste, or None.
+        token_mask: (B, gh*gw) float32 or None.
+    """
+
+    kind: str
+    cutmix: torch.Tensor
+    boxes: torch.Tensor
+    partner: torch.Tensor
+    lam: torch.Tensor
+    lam_area: torch.Tensor
+    target: torch.Tensor
+    num_classes: int
+    smoothing: float
+    ratio: float
+    image_size: tuple[int, int]
+    token_grid: tuple[int, int] | None = None
+    token_mask: torch.Tensor | None = None
+    impl: str = "auto"
+
+    def mask_for(self, token_grid: tuple[int, int]) -> torch.Tensor:
+        """(B, gh*gw) token mask of the pasted boxes on any grid (made lazily when not fused)."""
+        token_grid = tuple(token_grid)
+        if self.token_mask is not None and self.token_grid == token_grid:
+            return self.token_mask
+        height, width = self.image_size
+        return token_mask_torch(self.boxes, self.boxes.shape[0], height, width, *token_grid)
+
+    def area_targets(self) -> torch.Tensor:
+        """timm's targets for this batch (area lam for CutMix rows, blend lam for Mixup rows)."""
+        return mix_targets(
+            self.target, self.lam, self.num_classes, partner=self.partner, smoothing=self.smoothing, impl=self.impl
+        )
+
+    def targets(self, attention=None) -> torch.Tensor:
+        """(B, num_classes) float32 soft targets.
+
+        Args:
+            attention: None for the area targets (timm's); a (B, N) or (B, heads, N)
+                class-to-patch attention tensor of the mixed images; or a
+                ``tk.ClassAttentionProbe`` attached to the model that saw them. Only CutMix
+                rows are re-weighted; Mixup and unmixed rows keep timm's label.
+        """
+        if attention is None or not bool(self.cutmix.any()):
+            return self.area_targets()
+        if self.kind == "cutmix" and isinstance(attention, torch.Tensor):
+            return self.fused_targets(attention)
+        lam_transmix = self._attention_lambda(attention)
+        if self.kind == "cutmix":
+            return mix_targets(
+                self.target, lam_transmix, self.num_classes, partner=self.partner, smoothing=self.smoothing,
+                impl=self.impl,
+            )
+        lam = torch.where(self.cutmix, lam_transmix.to(self.lam.dtype), self.lam)
+        return mix_targets(self.target, lam, self.num_classes, partner=self.partner, smoothing=self.smoothing, impl=self.impl)
+
+    def fused_targets(self, attn: torch.Tensor) -> torch.Tensor:
+        """Attention reduction, lambda and targets in one launch (all rows CutMix)."""
+        token_mask = self._mask_matching(attn.shape[-1])
+        targets, _ = transmix_targets(
+            attn, token_mask, self.lam_area, self.target, self.num_classes, partner=self.partner,
+            ratio=self.ratio, smoothing=self.smoothing, impl=self.impl,
+        )
+        return targets
+
+    def _attention_lambda(self, attention) -> torch.Tensor:
+        if isinstance(attention, torch.Tensor):
+            token_mask = self._mask_matching(attention.shape[-1])
+            return transmix_lambda(attention, token_mask, self.lam_area, ratio=self.ratio, impl=self.impl)
+        return self._probe_lambda(attention)
+
+    def _probe_lambda(self, probe) -> torch.Tensor:
+        if not hasattr(probe, "attention") or not hasattr(probe, "token_grid"):
+            raise TypeError(
+                "targets() takes None, an attention tensor (B, N) / (B, heads, N), or a tk.ClassAttentionProbe; "
+                f"got {type(probe).__name__}"
+            )
+        token_mask = self.mask_for(probe.token_grid)
+        query_keys = probe.class_query_keys() if hasattr(probe, "class_query_keys") else None
+        if query_keys is not None and query_keys[0].is_cuda:
+            from .class_attention_lambda import class_attention_lambda
+
+            q_cls, keys, scale, num_prefix_tokens = query_keys
+            return class_attention_lambda(
+                q_cls, keys, token_mask, self.lam_area, scale=scale, num_prefix_tokens=num_prefix_tokens,
+                ratio=self.ratio,
+            )
+        return transmix_lambda(probe.attention(), token_mask, self.lam_area, ratio=self.ratio, impl=self.impl)
+
+    def _mask_matching(self, num_tokens: int) -> torch.Tensor:
+        if self.token_grid is not None and self.token_grid[0] * self.token_grid[1] == num_tokens:
+            return self.mask_for(self.token_grid)
+        raise ValueError(
+            f"attention has {num_tokens} patch tokens but the token grid is {self.token_grid}; "
+            "give TransMix patch_size/token_grid/model matching the model, or pass a ClassAttentionProbe"
+        )
+
+
+class TransMix:
+    """TransMix / CutMix / Mixup batch mixing with timm Mixup's hyper-parameters.
+
+    Args:
+        num_classes: K.
+        mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam,
+            label_smoothing: as ``timm.data.Mixup`` (modes "batch", "pair", "elem").
+        ratio: weight of the area lam in the TransMix lam (0.5 in the paper).
+        patch_size: the ViT patch size (int or (ph, pw)): token grid = image size // patch size.
+        token_grid: a fixed (gh, gw) instead; or ``model``: a supported timm model whose
+            attention token grid is inferred at each call's image size.
+        seed: seeds this object's generators (None: fresh entropy).
+        impl: backend of the ops ("auto": Triton on CUDA, PyTorch on CPU).
+
+    Calling it mixes ``images`` (B, C, H, W) in place and returns ``(images, MixState)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        cutmix_minmax: tuple[float, float] | None = None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        correct_lam: bool = True,
+        label_smoothing: float = 0.1,
+        ratio: float = 0.5,
+        patch_size: int | tuple[int, int] | None = None,
+        token_grid: tuple[int, int] | None = None,
+        model: torch.nn.Module | None = None,
+        seed: int | None = None,
+        impl: str = "auto",
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mixup_alpha = self._non_negative("mixup_alpha", mixup_alpha)
+        self.cutmix_alpha = self._non_negative("cutmix_alpha", cutmix_alpha)
+        if cutmix_minmax is not None:
+            if not isinstance(cutmix_minmax, (tuple, list)) or len(cutmix_minmax) != 2:
+                raise ValueError(f"cutmix_minmax must be a (min, max) pair, got {cutmix_minmax!r}")
+            lo = check_range("cutmix_minmax[0]", cutmix_minmax[0], 0.0, 1.0)
+            hi = check_range("cutmix_minmax[1]", cutmix_minmax[1], 0.0, 1.0)
+            if lo >= hi:
+                raise ValueError(f"cutmix_minmax must have min < max, got {tuple(cutmix_minmax)}")
+            cutmix_minmax = (lo, hi)
+            self.cutmix_alpha = 1.0  # as timm: minmax forces CutMix on
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("mixup_alpha and cutmix_alpha are both 0: nothing to mix (set one > 0 or cutmix_minmax)")
+        self.num_classes = num_classes
+        self.cutmix_minmax = cutmix_minmax
+        self.prob = check_range("prob", prob, 0.0, 1.0)
+        self.switch_prob = check_range("switch_prob", switch_prob, 0.0, 1.0)
+        self.mode = mode
+        self.correct_lam = bool(correct_lam)
+        self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+        self.ratio = check_range("ratio", ratio, 0.0, 1.0)
+        self.patch_size = self._pair("patch_size", patch_size)
+        self.token_grid = self._pair("token_grid", token_grid)
+        self.model = model
+        self.impl = impl
+        self.mixup_enabled = True
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
+
+    @staticmethod
+    def _non_negative(name: str, value: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        return float(value)
+
+    @staticmethod
+    def _pair(name: str, value):
+        if value is None:
+            return None
+        pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if (
+            not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
+        ):
+            raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+        return tuple(pair)
+
+    # -------------------------------------------------------------- random parameters (host)
+
+    def _draw_lam(self, count: int, use_cutmix: np.ndarray) -> np.ndarray:
+        cut = self.rng.beta(self.cutmix_alpha, self.cutmix_alpha, size=count) if self.cutmix_alpha > 0 else None
+        mix = self.rng.beta(self.mixup_alpha, self.mixup_alpha, size=count) if self.mixup_alpha > 0 else None
+        if cut is None:
+            return mix
+        if mix is None:
+            return cut
+        return np.where(use_cutmix, cut, mix)
+
+    def _draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lam, use_cutmix) for `count` independent draws; lam == 1 where nothing is mixed."""
+        lam = np.ones(count)
+        use_cutmix = np.zeros(count, dtype=bool)
+        if not self.mixup_enabled:
+            return lam, use_cutmix
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            use_cutmix = self.rng.random(count) < self.switch_prob
+        elif self.cutmix_alpha > 0:
+            use_cutmix = np.ones(count, dtype=bool)
+        lam_mix = self._draw_lam(count, use_cutmix)
+        apply = self.rng.random(count) < self.prob
+        return np.where(apply, lam_mix, 1.0), use_cutmix & apply & (lam_mix < 1.0)
+
+    # -------------------------------------------------------------- mixing
+
+    def _grid(self, height: int, width: int) -> tuple[int, int] | None:
+        if self.token_grid is not None:
+            return self.token_grid
+        if self.patch_size is not None:
+            return height // self.patch_size[0], width // self.patch_size[1]
+        if self.model is not None:
+            from .probe import infer_token_grid
+
+            return tuple(infer_token_grid(self.model, (height, width)))
+        return None
+
+    def _check_call(self, images, target):
+        check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
+        check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
+        batch = images.shape[0]
+        if target.shape[0] != batch:
+            raise ValueError(f"target must have shape ({batch},) like images' batch, got {tuple(target.shape)}")
+        if batch == 0:
+            raise ValueError("images must hold at least one sample, got an empty batch")
+        if self.mode == "pair" and batch % 2:
+            raise ValueError(f"mode='pair' needs an even batch size, got {batch}")
+        check_index_range("target", target, 0, self.num_classes)
+        if not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError("images must be contiguous or channels_last: TransMix mixes them in place")
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, MixState]:
+        """Mix ``images`` (B, C, H, W) in place; ``target`` (B,) int64. Returns (images, MixState)."""
+        self._check_call(images, target)
+        batch, _, height, width = images.shape
+        grid = self._grid(height, width)
+        if grid is not None and (grid[0] > height or grid[1] > width or min(grid) < 1):
+            raise ValueError(f"token grid {grid} does not fit {height}x{width} images")
+        if self.mode == "batch":
+            lam, use_cutmix = self._draw(1)
+            lam, use_cutmix = np.repeat(lam, batch), np.repeat(use_cutmix, batch)
+            lam_dtype = torch.float64  # timm keeps one Python float per batch
+        elif self.mode == "pair":
+            lam, use_cutmix = self._draw(batch // 2)
+            lam, use_cutmix = np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]])
+            lam_dtype = torch.float32
+        else:
+            lam, use_cutmix = self._draw(batch)
+            lam_dtype = torch.float32
+        return images, self._mix(images, target, torch.from_numpy(lam).to(lam_dtype), torch.from_numpy(use_cutmix), grid)
+
+    def _sample_boxes(self, lam, use_cutmix, height, width):
+        """Host-side boxes (lam and boxes are tiny); empty boxes on rows without CutMix."""
+        if self.mode == "batch":
+            boxes, _ = sample_boxes(lam[:1], height, width, minmax=self.cutmix_minmax, correct_lam=True,
+                                    generator=self.generator)
+            boxes = boxes.expand(lam.shape[0], 4)
+        elif self.mode == "pair":
+            half = lam.shape[0] // 2
+            boxes, _ = sample_boxes(lam[:half], height, width, minmax=self.cutmix_minmax, correct_lam=True,
+                                    generator=self.generator)
+            boxes = torch.cat([boxes, boxes.flip(0)])
+        else:
+            boxes, _ = sample_boxes(lam, height, width, minmax=self.cutmix_minmax, correct_lam=True,
+                                    generator=self.generator)
+        boxes = torch.where(use_cutmix[:, None], boxes, torch.zeros_like(boxes))
+        area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double()
+        # timm: lam = 1 - area / (H * W) in float64, stored in lam's dtype (float32 per element).
+        lam_area = (1.0 - area / float(height * width)).to(lam.dtype)
+        if not (self.correct_lam or self.cutmix_minmax is not None):
+            lam_area = lam
+        return boxes.contiguous(), torch.where(use_cutmix, lam_area, lam)
+
+    def _mix(self, images, target, lam, use_cutmix, grid) -> MixState:
+        batch, _, height, width = images.shape
+        device = images.device
+        partner = flipped_partner(batch, device)
+        boxes, lam = self._sample_boxes(lam, use_cutmix, height, width)
+        blend = (~use_cutmix) & (lam < 1.0)
+        kind = "cutmix" if bool(use_cutmix.all()) else "mixup" if bool(blend.all()) else \
+            "none" if not bool((use_cutmix | blend).any()) else "mixed"
+        blended = self._blend(images, partner, lam, blend) if bool(blend.any()) else None
+        boxes_dev = boxes.to(device, non_blocking=True)
+        token_mask = None
+        if bool(use_cutmix.any()):
+            one_box = self.mode == "batch"
+            box_arg = boxes_dev[0] if one_box else boxes_dev
+            max_bh = int((boxes[:, 1] - boxes[:, 0]).max())
+            max_bw = int((boxes[:, 3] - boxes[:, 2]).max())
+            backend = "op" if self.impl == "auto" else self.impl
+            _, token_mask = _paste_dispatch(
+                backend, images, box_arg, partner, *(grid or (0, 0)), True, max_bh, max_bw
+            )
+        if blended is not None:
+            rows = blend.nonzero().flatten().to(device)
+            images[rows] = blended
+        return MixState(
+            kind=kind, cutmix=use_cutmix.to(device), boxes=boxes_dev, partner=partner,
+            lam=lam.to(device), lam_area=lam.float().to(device), target=target, num_classes=self.num_classes,
+            smoothing=self.label_smoothing, ratio=self.ratio, image_size=(height, width),
+            token_grid=grid if token_mask is not None else None, token_mask=token_mask, impl=self.impl,
+        )
+
+    def _blend(self, images, partner, lam, rows_mask):
+        """Mixup rows, computed from the unmixed batch before any paste; written back after it."""
+        if self.mode == "batch":
+            value = float(lam[0])
+            # timm's exact operation order: x * lam + x.flip(0) * (1 - lam), Python-float scalars.
+            return images.mul(value).add_(images[partner].mul_(1.0 - value))
+        rows = rows_mask.nonzero().flatten()
+        lam_rows = lam[rows].to(device=images.device, dtype=torch.float32).view(-1, 1, 1, 1)
+        rows = rows.to(images.device)
+        return images[rows] * lam_rows + images[partner[rows]] * (1 - lam_rows)
