@@ -15,6 +15,15 @@ def pytest_configure(config):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+CUDA = torch.cuda.is_available()
+
+
+def device_for(impl: str) -> torch.device:
+    """Where a test of `impl` puts its tensors: Triton runs on the GPU when there is one (the
+    GPU check runs the suite without the interpreter), else on the CPU under the interpreter."""
+    return torch.device("cuda" if (CUDA and impl in ("triton", "auto")) else "cpu")
+
+
 @pytest.fixture
 def seed() -> int:
     torch.manual_seed(20221118)

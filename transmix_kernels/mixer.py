@@ -84,14 +84,22 @@ class MixState:
             return self.area_targets()
         if self.kind == "cutmix" and isinstance(attention, torch.Tensor):
             return self.fused_targets(attention)
+        return mix_targets(
+            self.target, self._label_lambda(attention), self.num_classes, partner=self.partner,
+            smoothing=self.smoothing, impl=self.impl,
+        )
+
+    def lambdas(self, attention=None) -> torch.Tensor:
+        """(B,) float32 own-label share of each row, as :meth:`targets` uses it."""
+        return self._label_lambda(attention).float()
+
+    def _label_lambda(self, attention) -> torch.Tensor:
+        if attention is None or not bool(self.cutmix.any()):
+            return self.lam
         lam_transmix = self._attention_lambda(attention)
         if self.kind == "cutmix":
-            return mix_targets(
-                self.target, lam_transmix, self.num_classes, partner=self.partner, smoothing=self.smoothing,
-                impl=self.impl,
-            )
-        lam = torch.where(self.cutmix, lam_transmix.to(self.lam.dtype), self.lam)
-        return mix_targets(self.target, lam, self.num_classes, partner=self.partner, smoothing=self.smoothing, impl=self.impl)
+            return lam_transmix
+        return torch.where(self.cutmix, lam_transmix.to(self.lam.dtype), self.lam)
 
     def fused_targets(self, attn: torch.Tensor) -> torch.Tensor:
         """Attention reduction, lambda and targets in one launch (all rows CutMix)."""

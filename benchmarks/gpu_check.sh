@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check for a lent CUDA machine (H100/H200): build the extension for sm_90, run the test
+# suite on CUDA (Triton compiled, no interpreter), run the benchmarks, and write logs plus a
+# short table to $OUT. Prepared to fit one device call; every stage has its own time limit.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh            # anywhere with a GPU
+#
+# The device image brings its own torch/triton; timm 1.0.31 travels as a wheel in .whl/ when
+# present (the image's timm may be older than the probe needs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PYTHON:-python3}
+SITE=/tmp/transmix_site
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl || exit 1
+  export PYTHONPATH="$SITE"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+stage() { echo "== $1 ($(date +%T))" | tee -a "$OUT/summary.md"; }
+
+stage "device"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  git rev-parse HEAD 2>/dev/null || true; date -u; } | tee -a "$OUT/summary.md"
+
+stage "build extension (sm_90)"
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+echo "build rc=$?" | tee -a "$OUT/summary.md"
+$PY -m transmix_kernels.info 2>&1 | tee -a "$OUT/summary.md"
+
+stage "tests on CUDA"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests -q -rfEs -p no:cacheprovider -m "not slow" \
+  --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+echo "tests rc=$?" | tee -a "$OUT/summary.md"
+tail -n 25 "$OUT/tests.log" | tee -a "$OUT/summary.md"
+
+stage "benchmarks"
+timeout ${BENCH_TIMEOUT:-240} $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+echo "benchmarks rc=$?" | tee -a "$OUT/summary.md"
+$PY benchmarks/summarize.py "$OUT/bench.json" 2>&1 | tee -a "$OUT/summary.md"
