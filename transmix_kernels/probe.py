@@ -18,20 +18,18 @@ touched. From q and k the probe recomputes, in float32, only what TransMix needs
 - ``source="rollout"`` (ViT / DeiT): the class-token row of attention rollout over all blocks
   (:func:`transmix_kernels.qk_rollout.rollout_from_qk`).
 
-What a block index counts, per family (Python convention, negative from the end):
+What an int ``source`` (block index, Python convention, negative from the end) counts:
 
-==========================  ==================================================================
-``VisionTransformer``       ``model.blocks`` (DeiT-S: Table 1's d = 6 of 12 is index 5)
-(incl. ``VisionTransformerDistilled``)
-``Cait``                    ``model.blocks_token_only``: the class-attention blocks (2 in CaiT);
-                            the patch blocks before them carry no class token
-``Xcit``                    ``model.cls_attn_blocks``: the class-attention blocks (2 in XCiT);
-                            the XCA blocks before them mix channels, not tokens
-``PyramidVisionTransformerV2``  every ``stages[s].blocks[i]`` in forward order; only blocks with
-                            global attention (sr_ratio 1, not linear) can be read
-``SwinTransformer``         every ``layers[s].blocks[i]`` in forward order; only blocks whose
-                            input is a single window can be read
-==========================  ==================================================================
+- ``VisionTransformer`` (incl. ``VisionTransformerDistilled``): ``model.blocks``. DeiT-S:
+  Table 1's d = 6 of 12 is index 5.
+- ``Cait``: ``model.blocks_token_only``, the class-attention blocks (2 in CaiT); the patch
+  blocks before them carry no class token.
+- ``Xcit``: ``model.cls_attn_blocks``, the class-attention blocks (2 in XCiT); the XCA blocks
+  before them mix channels, not tokens.
+- ``PyramidVisionTransformerV2``: every ``stages[s].blocks[i]`` in forward order; only blocks
+  with global attention (sr_ratio 1, not linear) can be read.
+- ``SwinTransformer``: every ``layers[s].blocks[i]`` in forward order; only blocks whose input
+  is exactly one window can be read.
 
 Other architectures: subclass :class:`AttentionAdapter` and register it with
 :func:`register_attention_family`; the five families above are registered the same way.
@@ -46,7 +44,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -120,7 +117,9 @@ def _as_size(name: str, image_size) -> tuple[int, int]:
         or len(image_size) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_size)
     ):
-        raise ValueError(f"{name} must be a positive int or a (height, width) pair of positive ints, got {image_size!r}")
+        raise ValueError(
+            f"{name} must be a positive int or a (height, width) pair of positive ints, got {image_size!r}"
+        )
     return int(image_size[0]), int(image_size[1])
 
 
@@ -600,7 +599,7 @@ class SwinAdapter(AttentionAdapter):
             return [bias] if mask is None else [bias, mask[0, start:stop]]
 
         received = received_attention(q, k, scale=self.scale, logit_addends=addends)
-        if False:
+        if any(shift):
             # The window holds the cyclically shifted map; timm rolls the output back by +shift.
             received = received.view(batch, *feat_size).roll(shifts=shift, dims=(1, 2)).reshape(batch, -1)
         return received
@@ -668,7 +667,9 @@ _register_timm_families()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+    # DDP runs the wrapped module itself, so hooks on it see every forward. (DataParallel runs
+    # per-device replicas, whose captures would overwrite each other: not supported.)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
     return model
 
@@ -757,7 +758,11 @@ class ClassAttentionProbe:
         return self._adapter
 
     def attention(self) -> torch.Tensor:
-        """(B, gh * gw) float32 attention over the patch tokens of the last forward; rows sum to 1."""
+        """(B, gh * gw) float32 attention over the patch tokens of the last forward; rows sum to 1.
+
+        Computed in float32 (autocast off) on first call after a forward, then the same tensor is
+        returned until the next forward.
+        """
         adapter = self._ready()
         # float32 math even when called inside the training step's autocast region.
         with torch.no_grad(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
