@@ -60,25 +60,28 @@ def main() -> None:
     with tk.ClassAttentionProbe(model, source=source) as probe:
         logits = model(images)
         attention = probe.attention()
+        token_grid = probe.token_grid
         targets = mix.targets(probe)
     area_targets = mix.targets()
     loss = SoftTargetCrossEntropy()(logits, targets)
     loss.backward()
+    loss = loss.detach()
 
     print(f"{tk.__name__} {tk.__version__} | model {args.model} | device {device} | impl auto")
     print(f"batch {tuple(images.shape)} mode={args.mode} drew: {mix.kind}; mixing took {mix_ms:.2f} ms")
-    print(f"attention: {tuple(attention.shape)} over token grid {probe.token_grid}, source={source!r}")
-    print(f"{'i':>3} {'label':>8} {'partner':>8} {'box [y0,y1,x0,x1]':>22} {'lam_area':>9} {'lam':>7}")
+    print(f"attention: {tuple(attention.shape)} over token grid {token_grid}, source={source!r}")
+    print(f"{'i':>3} {'mix':>6} {'label':>8} {'partner':>8} {'box [y0,y1,x0,x1]':>22} {'lam_area':>9} {'lam':>7}")
     lam_used = mix.lambdas(attention)
     for i in range(min(args.show, len(labels))):
         box = mix.boxes[i].tolist()
         own = CLASSES[int(labels[i])]
         other = CLASSES[int(labels[mix.partner[i]])]
-        print(f"{i:>3} {own:>8} {other:>8} {str(box):>22} {float(mix.lam_area[i]):>9.4f} "
+        drawn = "cutmix" if bool(mix.cutmix[i]) else ("mixup" if float(mix.lam[i]) < 1 else "none")
+        print(f"{i:>3} {drawn:>6} {own:>8} {other:>8} {str(box):>22} {float(mix.lam_area[i]):>9.4f} "
               f"{float(lam_used[i]):>7.4f}")
     moved = (targets - area_targets).abs().sum(1).max()
     print(f"largest change of a target row by attention re-weighting: {float(moved):.4f}")
-    print(f"soft-target cross-entropy: {float(loss):.4f} (backward ran)")
+    print(f"soft-target cross-entropy: {loss.item():.4f} (backward ran)")
     if args.save:
         import torchvision.utils
 
