@@ -16,6 +16,7 @@ import torch
 import transmix_kernels as tk
 from conftest import assert_close
 from transmix_kernels import reference
+from transmix_kernels._utils import TRITON_INTERPRET
 
 IMPLS = ("triton", "torch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,6 +31,11 @@ SHAPES = {
     "B1-N70-H2-D24-L4-p1-dstride": (1, 70, 2, 24, 4, 1, "d-strided"),
 }
 
+
+def skip_unrunnable(impl: str, device: torch.device) -> None:
+    """Triton on CPU tensors runs only under the interpreter (conftest sets it when there is no GPU)."""
+    if impl == "triton" and device.type == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest only without a GPU)")
 
 def make_blocks(batch, n_tokens, heads, head_dim, blocks, layout, dtype=torch.float32, device="cpu"):
     queries, keys = [], []
@@ -71,6 +77,7 @@ def plain_lowp_rollout(queries, keys, scale, prefix):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_matches_matrix_product_rollout(seed, device, poison_empty, impl, dtype, shape):
+    skip_unrunnable(impl, device)
     batch, n_tokens, heads, head_dim, blocks, prefix, layout = shape
     queries, keys = make_blocks(batch, n_tokens, heads, head_dim, blocks, layout, dtype, device)
     scale = head_dim ** -0.5
@@ -89,6 +96,7 @@ def test_matches_matrix_product_rollout(seed, device, poison_empty, impl, dtype,
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("residual", [0.0, 0.25, 0.9])
 def test_residual_weights(seed, device, impl, residual):
+    skip_unrunnable(impl, device)
     queries, keys = make_blocks(2, 33, 3, 16, 3, "timm", device=device)
     out = tk.rollout_from_qk(queries, keys, scale=0.25, residual=residual, impl=impl)
     assert_close("rollout", out, rollout_fp64(queries, keys, 0.25, residual), atol=ATOL, rtol=RTOL)
@@ -97,6 +105,7 @@ def test_residual_weights(seed, device, impl, residual):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_block_is_class_attention_row(seed, device, impl):
     """One block: v = e_0 A' = (1 - r) a_0 + r e_0, whose patch part renormalised is the class row."""
+    skip_unrunnable(impl, device)
     queries, keys = make_blocks(2, 45, 3, 24, 1, "timm", device=device)
     out = tk.rollout_from_qk(queries, keys, scale=0.2, residual=0.5, num_prefix_tokens=1, impl=impl)
     row = tk.class_attention_row(queries[0][:, :, 0], keys[0], scale=0.2, impl="torch")
@@ -105,6 +114,7 @@ def test_single_block_is_class_attention_row(seed, device, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_bias(seed, device, impl):
+    skip_unrunnable(impl, device)
     batch, n_tokens, heads = 2, 40, 3
     queries, keys = make_blocks(batch, n_tokens, heads, 16, 3, "timm", device=device)
     bias = [
@@ -119,6 +129,7 @@ def test_attention_bias(seed, device, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_huge_logits_are_stable(seed, device, impl):
     """Integer q and k: logits in the thousands, exact in fp32, so the fp64 comparison stays tight."""
+    skip_unrunnable(impl, device)
     queries = [torch.randint(-30, 31, (2, 3, 40, 16), device=device).float() for _ in range(2)]
     keys = [torch.randint(-30, 31, (2, 3, 40, 16), device=device).float() for _ in range(2)]
     out = tk.rollout_from_qk(queries, keys, scale=0.125, impl=impl)
@@ -128,6 +139,7 @@ def test_huge_logits_are_stable(seed, device, impl):
 
 @pytest.mark.parametrize("impl", IMPLS + ("reference", "auto"))
 def test_matches_attention_rollout_extension(seed, device, impl):
+    skip_unrunnable(impl, device)
     attention_rollout = getattr(tk, "attention_rollout", None)
     if attention_rollout is None:
         pytest.skip("tk.attention_rollout (the C++ extension op) is not available in this build")
@@ -140,6 +152,7 @@ def test_matches_attention_rollout_extension(seed, device, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_inputs_untouched_and_grad_free(seed, device, impl):
+    skip_unrunnable(impl, device)
     queries, keys = make_blocks(2, 20, 3, 16, 2, "contiguous", device=device)
     queries = [q.requires_grad_(True) for q in queries]
     before = [t.detach().clone() for t in queries + keys]
@@ -169,8 +182,14 @@ BAD_INPUTS = {
     "empty": (dict(queries=[], keys=[]), ValueError, "queries and keys must be non-empty lists of the same length"),
     "length-mismatch": (dict(keys=[torch.randn(2, 3, 10, 16)]), ValueError, "got 2 queries and 1 keys"),
     "key-3d": (dict(keys=[torch.randn(2, 3, 10, 16), torch.randn(3, 10, 16)]), ValueError, "keys[1] must have 4 dimensions"),
-    "key-dtype": (dict(keys=[torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16).half()]), TypeError, "keys[1] must have dtype in (float32)"),
-    "key-shape": (dict(keys=[torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 8)]), ValueError, "keys[1] must have the shape of queries[1]"),
+    "key-dtype": (
+        dict(keys=[torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16).half()]),
+        TypeError, "keys[1] must have dtype in (float32)",
+    ),
+    "key-shape": (
+        dict(keys=[torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 8)]),
+        ValueError, "keys[1] must have the shape of queries[1]",
+    ),
     "tokens-differ": (
         dict(queries=[torch.randn(2, 3, 10, 16), torch.randn(2, 3, 11, 16)],
              keys=[torch.randn(2, 3, 10, 16), torch.randn(2, 3, 11, 16)]),

@@ -20,6 +20,7 @@ from .mixer import MixState, TransMix
 # --- issue 3: attention capture, fused class-attention lambda, rollout ---
 from .class_attention_lambda import class_attention_lambda, class_attention_row
 from .qk_rollout import rollout_from_qk
+from .rollout import attention_rollout
 from .probe import ClassAttentionProbe, infer_token_grid, register_attention_family
 
 __version__ = "0.1.0"

@@ -200,3 +200,36 @@ def rollout_from_qk(
 
 
 __all__ += ["class_attention_lambda", "class_attention_row", "rollout_from_qk"]
+
+
+def attention_rollout(
+    attentions,
+    *,
+    residual: float = 0.5,
+    head_fusion: str = "mean",
+    num_prefix_tokens: int = 1,
+    full: bool = False,
+) -> torch.Tensor:
+    """Attention rollout as Abnar & Zuidema's code does it: every layer as a full (B, N, N) matrix,
+    the product built up block by block (rollout_l = A'_l @ rollout_{l-1}), the class row taken last.
+
+    A_l = fusion over heads; A'_l = (1 - residual) * A_l + residual * I with rows renormalised;
+    R = A'_L @ ... @ A'_1; map = R[:, 0, num_prefix_tokens:] renormalised over the patches.
+    float64 inputs are kept in float64 (the tests' high-precision reference); the result is float32.
+    """
+    dtype = torch.promote_types(attentions[0].dtype, torch.float32)
+    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}[head_fusion]
+    rollout = None
+    for attention in attentions:
+        fused = fuse(attention.to(dtype))
+        eye = torch.eye(fused.shape[-1], dtype=dtype, device=fused.device)
+        mixed = (1.0 - residual) * fused + residual * eye
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else torch.bmm(mixed, rollout)
+    if full:
+        return rollout.float()
+    row = rollout[:, 0, num_prefix_tokens:]
+    return (row / row.sum(-1, keepdim=True)).float()
+
+
+__all__ += ["attention_rollout"]
