@@ -16,14 +16,14 @@ from torchvision.transforms import v2
 import transmix_kernels as tk
 from transmix_kernels import reference
 
-from conftest import sync
+from conftest import bench_devices, sync
 
 NUM_CLASSES = 1000
 CASES = [
     pytest.param((256, 3, 32, 32), "elem", id="elem-256x3x32x32"),
     pytest.param((64, 3, 224, 224), "batch", id="batch-64x3x224x224"),
 ]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = bench_devices()
 
 
 def _batch(shape, device):

@@ -14,7 +14,18 @@ import pytest
 import torch
 
 _MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
-BASELINE = "transmix"
+# The fused op of each benchmark file, in order of preference, as the ratio's denominator.
+BASELINES = ("transmix", "fused-triton", "extension", "fused-torch")
+
+
+def bench_devices() -> list[str]:
+    """Devices to benchmark: BENCH_DEVICES="cpu,cuda" (default: cpu, plus cuda when present)."""
+    default = "cpu,cuda" if torch.cuda.is_available() else "cpu"
+    return [d for d in os.environ.get("BENCH_DEVICES", default).split(",") if d]
+
+
+def baseline_of(row: dict[str, float]) -> str | None:
+    return next((name for name in BASELINES if name in row), None)
 
 
 def pytest_configure(config):
@@ -49,10 +60,10 @@ def pytest_terminal_summary(terminalreporter):
         return
     write = terminalreporter.write_line
     write("")
-    write("speed-up of the fused transmix-kernels op (median of provider / median of transmix):")
+    write("speed-up of the fused op (median of each provider / median of the fused op, same run):")
     for group in sorted(_MEDIANS):
         row = _MEDIANS[group]
-        base = row.get(BASELINE)
+        base = row.get(baseline_of(row) or "")
         cells = []
         for provider, median in sorted(row.items()):
             ratio = f"{median / base:.2f}x" if base else "n/a"

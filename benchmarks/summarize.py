@@ -9,7 +9,7 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINE = "transmix"
+from conftest import BASELINES  # noqa: E402 - the same denominators as the live table
 
 
 def provider_of(bench: dict) -> str:
@@ -25,11 +25,11 @@ def main(path: str) -> int:
         groups[bench["group"] or bench["name"]][provider_of(bench)] = bench["stats"]["median"]
     machine = data.get("machine_info", {})
     print(f"machine: {machine.get('node')} {machine.get('cpu', {}).get('brand_raw', '')}")
-    print("| case | provider | median ms | x transmix |")
+    print("| case | provider | median ms | x fused op |")
     print("| --- | --- | ---: | ---: |")
     for group in sorted(groups):
         row = groups[group]
-        base = row.get(BASELINE)
+        base = next((row[name] for name in BASELINES if name in row), None)
         for provider, median in sorted(row.items(), key=lambda item: item[1]):
             ratio = f"{median / base:.2f}" if base else "n/a"
             print(f"| {group} | {provider} | {median * 1e3:.3f} | {ratio} |")

@@ -104,6 +104,13 @@ def check_index_range(name: str, value: torch.Tensor, low: int, high: int) -> No
     if value.numel() == 0:
         return
     lo, hi = int(value.min()), int(value.max())
+    if torch.compiler.is_compiling():
+        # Traced values are symbolic: branching on them breaks a fullgraph trace, so the graph
+        # asserts them at run time instead.
+        # (Message functions may not close over variables under some torch versions' dynamo.)
+        torch._check(lo >= low, lambda: "an index argument is below its valid range")
+        torch._check(hi < high, lambda: "an index argument is above its valid range")
+        return
     if lo < low or hi >= high:
         raise ValueError(f"{name} must hold values in [{low}, {high}), got values in [{lo}, {hi}]")
 

@@ -313,6 +313,11 @@ def check_boxes(boxes, batch: int, height: int, width: int, device: torch.device
         [b[:, :2].min(), b[:, :2].max(), b[:, 2:].min(), b[:, 2:].max(),
          heights.min(), widths.min(), heights.max(), widths.max()]
     ).tolist()
+    if torch.compiler.is_compiling():
+        # Symbolic under torch.compile (see _utils.check_index_range): asserted at run time.
+        for ok in (lo_y >= 0, hi_y <= height, lo_x >= 0, hi_x <= width, min_h >= 0, min_w >= 0):
+            torch._check(ok, lambda: "boxes must lie inside the image and not be inverted")
+        return max_h, max_w
     if lo_y < 0 or hi_y > height or lo_x < 0 or hi_x > width:
         raise ValueError(
             f"boxes must lie inside the {height}x{width} image (0 <= y0, y1 <= {height}, 0 <= x0, x1 <= {width}), "

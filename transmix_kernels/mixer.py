@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._utils import check_index_range, check_range, check_tensor, FLOAT_DTYPES, flipped_partner
+from ._utils import check_index_range, check_range, check_tensor, FLOAT_DTYPES, flipped_partner, IMPLS, resolve_impl
 from .boxes import sample_boxes
 from .cutmix_paste import _dispatch as _paste_dispatch
 from .cutmix_paste import token_mask_torch
-from .transmix_lambda import mix_targets, transmix_targets, transmix_lambda
+from .transmix_lambda import run_lambda_targets, transmix_lambda, transmix_targets
 
 MODES = ("batch", "pair", "elem")
 
@@ -67,9 +67,14 @@ class MixState:
 
     def area_targets(self) -> torch.Tensor:
         """timm's targets for this batch (area lam for CutMix rows, blend lam for Mixup rows)."""
-        return mix_targets(
-            self.target, self.lam, self.num_classes, partner=self.partner, smoothing=self.smoothing, impl=self.impl
+        return self._soft_targets(self.lam)
+
+    def _soft_targets(self, lam: torch.Tensor) -> torch.Tensor:
+        # target, partner and lam were made or checked by TransMix: no second validation pass.
+        _, targets = run_lambda_targets(
+            self.impl, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
         )
+        return targets
 
     def targets(self, attention=None) -> torch.Tensor:
         """(B, num_classes) float32 soft targets.
@@ -84,10 +89,7 @@ class MixState:
             return self.area_targets()
         if self.kind == "cutmix" and isinstance(attention, torch.Tensor):
             return self.fused_targets(attention)
-        return mix_targets(
-            self.target, self._label_lambda(attention), self.num_classes, partner=self.partner,
-            smoothing=self.smoothing, impl=self.impl,
-        )
+        return self._soft_targets(self._label_lambda(attention))
 
     def lambdas(self, attention=None) -> torch.Tensor:
         """(B,) float32 own-label share of each row, as :meth:`targets` uses it."""
@@ -207,6 +209,8 @@ class TransMix:
         self.patch_size = self._pair("patch_size", patch_size)
         self.token_grid = self._pair("token_grid", token_grid)
         self.model = model
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
         self.mixup_enabled = True
         self.rng = np.random.default_rng(seed)
@@ -270,6 +274,7 @@ class TransMix:
 
     def _check_call(self, images, target):
         check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
+        resolve_impl(self.impl, images.device)  # impl='triton' on CPU without the interpreter
         check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
         batch = images.shape[0]
         if target.shape[0] != batch:
@@ -363,4 +368,5 @@ class TransMix:
         rows = rows_mask.nonzero().flatten()
         lam_rows = lam[rows].to(device=images.device, dtype=torch.float32).view(-1, 1, 1, 1)
         rows = rows.to(images.device)
-        return images[rows] * lam_rows + images[partner[rows]] * (1 - lam_rows)
+        # float32 lam promotes bf16/fp16 rows to float32: one rounding back to the images' dtype.
+        return (images[rows] * lam_rows + images[partner[rows]] * (1 - lam_rows)).to(images.dtype)

@@ -109,6 +109,8 @@ def _run_triton(attn, token_mask, lam, target, partner, num_classes, ratio, smoo
         heads, n_tokens, num_classes, *a_strides, *m_strides,
         ratio, 1.0 - ratio, on_value, off_value,
         HAS_ATTN=has_attn, WRITE_TARGETS=write_targets, BLOCK_N=block_n, BLOCK_K=block_k,
+        # No FMA contraction: y1 * lam + y2 * (1 - lam) must round like timm's separate ops, bit for bit.
+        enable_fp_fusion=False,
     )
     return lam_out, targets
 
@@ -177,7 +179,12 @@ def _(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
     return lam.new_empty((batch,), dtype=torch.float32), lam.new_empty((batch, width), dtype=torch.float32)
 
 
-def _run(impl, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+def run_lambda_targets(impl, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    """Validated inputs -> (lam (B,) float32, targets (B, K) float32 or (B, 0)).
+
+    attn None: lam is given (targets only); target None: lambda only. TransMix calls this
+    directly with the tensors it made itself.
+    """
     backend = dispatch_backend(impl, lam.device)
     args = (attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
     if backend == "triton":
@@ -255,7 +262,7 @@ def transmix_lambda(
     """
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
-    lam, _ = _run(impl, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
+    lam, _ = run_lambda_targets(impl, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
     return lam
 
 
@@ -282,7 +289,7 @@ def mix_targets(
     """
     check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
     partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
-    _, targets = _run(impl, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
+    _, targets = run_lambda_targets(impl, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
     return targets
 
 
@@ -306,5 +313,5 @@ def transmix_targets(
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     partner = _check_targets(target, num_classes, partner, smoothing, attn.device, attn.shape[0])
-    lam, targets = _run(impl, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing))
+    lam, targets = run_lambda_targets(impl, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing))
     return targets, lam

@@ -1,0 +1,182 @@
+"""sample_boxes: timm's rand_bbox / rand_bbox_minmax, vectorised, from explicit uniform draws.
+
+The box positions come from ``draw_box_randoms`` (uniform float64 draws from a torch.Generator).
+Against timm the test feeds those same draws to timm's own functions by replacing
+``np.random.randint(low, high)`` with ``low + int(u * (high - low))``: the integer our code
+derives from u. Boxes and lam must then agree exactly, for timm's float64 per-batch lam and for
+its float32 per-element lam.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import timm.data.mixup as timm_mixup
+from hypothesis import given, settings, strategies as st
+
+import transmix_kernels as tk
+from conftest import assert_equal
+from transmix_kernels import reference
+from transmix_kernels._utils import TRITON_INTERPRET
+from transmix_kernels.boxes import draw_box_randoms
+
+SIZES = {"13x17": (13, 17), "9x31": (9, 31), "224x224": (224, 224), "2x5": (2, 5)}
+LAM_DTYPES = {"lam-f64": torch.float64, "lam-f32": torch.float32}
+MINMAX = {"alpha": None, "minmax-0.2-0.8": (0.2, 0.8)}
+
+
+def make_lam(batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random lam plus the edge values: no box (1), full side (0), a tiny box (0.999)."""
+    lam = torch.rand(batch, dtype=torch.float64)
+    lam[:3] = torch.tensor([0.0, 1.0, 0.999], dtype=torch.float64)
+    return lam.to(dtype)
+
+
+def generator(seed: int, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def timm_boxes(monkeypatch, lam, height, width, draws, *, minmax, correct_lam):
+    """timm's cutmix_bbox_and_lam per sample, its integer draws taken from our uniform draws."""
+    queue: list[float] = []
+    calls: list[tuple[int, int]] = []
+
+    def randint(low, high=None, size=None):
+        assert size is None and high is not None
+        u = queue.pop(0)
+        calls.append((low, high))
+        return np.int64(low + int(u * (high - low)))
+
+    monkeypatch.setattr(timm_mixup.np.random, "randint", randint)
+    rows, lams = [], []
+    for b in range(lam.shape[0]):
+        queue[:] = [float(u) for u in draws[:, b]]
+        # timm's elem mode hands rand_bbox a np.float32 lam, its batch mode a Python float.
+        lam_b = np.float32(lam[b].item()) if lam.dtype == torch.float32 else float(lam[b])
+        (y0, y1, x0, x1), lam_out = timm_mixup.cutmix_bbox_and_lam(
+            (3, height, width), lam_b, ratio_minmax=minmax, correct_lam=correct_lam
+        )
+        assert not queue, "timm drew a different number of integers than we drew uniforms"
+        rows.append([int(y0), int(y1), int(x0), int(x1)])
+        lams.append(np.float32(lam_out))
+    monkeypatch.undo()
+    return torch.tensor(rows, dtype=torch.int32).view(-1, 4), torch.from_numpy(np.array(lams, dtype=np.float32)), calls
+
+
+@pytest.mark.parametrize("minmax", MINMAX.values(), ids=MINMAX.keys())
+@pytest.mark.parametrize("lam_dtype", LAM_DTYPES.values(), ids=LAM_DTYPES.keys())
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_fast_paths_match_reference(seed, device, size, lam_dtype, minmax):
+    height, width = size
+    lam = make_lam(37, lam_dtype).to(device)
+    impls = ("auto", "torch") + (("triton",) if device.type == "cuda" or TRITON_INTERPRET else ())
+    for correct_lam in (True, False):
+        want_boxes, want_lam = reference.sample_boxes(
+            lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator(seed, device)
+        )
+        for impl in impls:
+            boxes, lam_area = tk.sample_boxes(
+                lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator(seed, device),
+                impl=impl,
+            )
+            assert boxes.device == lam.device
+            assert boxes.dtype == torch.int32 and boxes.shape == (37, 4)
+            assert_equal(f"boxes[{impl}, correct_lam={correct_lam}]", boxes, want_boxes)
+            assert_equal(f"lam_area[{impl}, correct_lam={correct_lam}]", lam_area, want_lam)
+
+
+@pytest.mark.parametrize("minmax", MINMAX.values(), ids=MINMAX.keys())
+@pytest.mark.parametrize("lam_dtype", LAM_DTYPES.values(), ids=LAM_DTYPES.keys())
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_matches_timm_rand_bbox(monkeypatch, seed, size, lam_dtype, minmax):
+    height, width = size
+    lam = make_lam(41, lam_dtype)
+    draws = draw_box_randoms(41, torch.device("cpu"), minmax is not None, generator(seed))
+    for correct_lam in (True, False):
+        boxes, lam_area = tk.sample_boxes(
+            lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator(seed)
+        )
+        want_boxes, want_lam, calls = timm_boxes(
+            monkeypatch, lam, height, width, draws, minmax=minmax, correct_lam=correct_lam
+        )
+        assert_equal(f"boxes vs timm (correct_lam={correct_lam})", boxes, want_boxes)
+        assert_equal(f"lam_area vs timm (correct_lam={correct_lam})", lam_area, want_lam)
+        if minmax is None:  # centres over the whole image, as timm's randint(0, H) / randint(0, W)
+            assert set(calls) == {(0, height), (0, width)}
+
+
+@pytest.mark.parametrize("lam_dtype", LAM_DTYPES.values(), ids=LAM_DTYPES.keys())
+def test_lam_area_is_visible_share(seed, lam_dtype):
+    height, width = 29, 23
+    lam = make_lam(64, lam_dtype)
+    boxes, lam_area = tk.sample_boxes(lam, height, width, correct_lam=True)
+    b = boxes.double()
+    area = (b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])
+    assert_equal("lam_area (correct_lam)", lam_area, (1.0 - area / (height * width)).float())
+    assert lam_area[1] == 1.0 and bool((boxes[1, 0] == boxes[1, 1]) | (boxes[1, 2] == boxes[1, 3]))  # lam = 1
+    _, lam_raw = tk.sample_boxes(lam, height, width, correct_lam=False)
+    assert_equal("lam_area (no correct_lam)", lam_raw, lam.float())
+    # Unclipped boxes have timm's side lengths int(size * sqrt(1 - lam)).
+    ratio = torch.sqrt(1 - lam)
+    inside = (boxes[:, 0] > 0) & (boxes[:, 1] < height) & (boxes[:, 2] > 0) & (boxes[:, 3] < width)
+    assert bool(inside.any())
+    assert_equal("unclipped heights", (boxes[:, 1] - boxes[:, 0])[inside].long(), (height * ratio).long()[inside])
+    assert_equal("unclipped widths", (boxes[:, 3] - boxes[:, 2])[inside].long(), (width * ratio).long()[inside])
+
+
+@pytest.mark.parametrize("minmax", [(0.2, 0.8), (0.05, 0.3), (0.0, 1.0)], ids=["0.2-0.8", "0.05-0.3", "0-1"])
+def test_minmax_sizes_in_range_and_inside(seed, minmax):
+    height, width = 61, 47
+    lam = torch.rand(400)
+    boxes, lam_area = tk.sample_boxes(lam, height, width, minmax=minmax, correct_lam=False)
+    heights, widths = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
+    # timm's randint(int(H * lo), int(H * hi)): upper end excluded.
+    assert int(heights.min()) >= int(height * minmax[0]) and int(heights.max()) < int(height * minmax[1])
+    assert int(widths.min()) >= int(width * minmax[0]) and int(widths.max()) < int(width * minmax[1])
+    assert int(boxes[:, 0].min()) >= 0 and int(boxes[:, 1].max()) <= height
+    assert int(boxes[:, 2].min()) >= 0 and int(boxes[:, 3].max()) <= width
+    # Both ends of the ranges get used: sizes and positions are spread, not stuck.
+    assert int(heights.max()) - int(heights.min()) > (int(height * minmax[1]) - int(height * minmax[0])) // 2
+    assert int(boxes[:, 0].max()) > int(boxes[:, 0].min())
+    # minmax always corrects lam by area, as timm.
+    area = (heights * widths).double()
+    assert_equal("lam_area (minmax)", lam_area, (1.0 - area / (height * width)).float())
+
+
+def test_generator_determinism(seed):
+    lam = torch.rand(16, dtype=torch.float64)
+    a = tk.sample_boxes(lam, 31, 19, generator=generator(7))
+    b = tk.sample_boxes(lam, 31, 19, generator=generator(7))
+    c = tk.sample_boxes(lam, 31, 19, generator=generator(8))
+    assert_equal("same seed boxes", a[0], b[0])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_empty_batch():
+    boxes, lam_area = tk.sample_boxes(torch.empty(0), 13, 17)
+    assert boxes.shape == (0, 4) and lam_area.shape == (0,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(1, 48),
+    width=st.integers(1, 48),
+    lam=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6),
+    lam_f64=st.booleans(),
+    minmax=st.one_of(st.none(), st.tuples(st.floats(0.0, 0.5), st.floats(0.5, 1.0))),
+    draw_seed=st.integers(0, 2**31 - 1),
+)
+def test_boxes_always_valid(height, width, lam, lam_f64, minmax, draw_seed):
+    if minmax is not None and (
+        int(height * minmax[0]) >= int(height * minmax[1]) or int(width * minmax[0]) >= int(width * minmax[1])
+    ):
+        minmax = None  # an empty size range is a ValueError (tests/test_validation.py)
+    lam_t = torch.tensor(lam, dtype=torch.float64 if lam_f64 else torch.float32)
+    boxes, lam_area = tk.sample_boxes(lam_t, height, width, minmax=minmax, generator=generator(draw_seed))
+    y0, y1, x0, x1 = boxes.long().unbind(1)
+    assert bool(((0 <= y0) & (y0 <= y1) & (y1 <= height)).all()), boxes
+    assert bool(((0 <= x0) & (x0 <= x1) & (x1 <= width)).all()), boxes
+    area = ((y1 - y0) * (x1 - x0)).double()
+    assert_equal("lam_area", lam_area, (1.0 - area / (height * width)).float())
+    assert bool(((lam_area >= 0) & (lam_area <= 1)).all())
