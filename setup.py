@@ -5,6 +5,7 @@ Driven by environment flags (never by ``sys.argv``), in the style of flash-atten
 - ``TRANSMIX_SKIP_EXT=1``: build no extension at all; the package falls back to PyTorch.
 - ``TRANSMIX_FORCE_CUDA=1``: build the CUDA sources even when torch sees no GPU (CI, build hosts).
   Without it, CUDA sources are built when a CUDA toolkit is found and torch is a CUDA build.
+- ``TRANSMIX_SKIP_CUDA=1``: build the C++ (CPU) extension only, even where a toolkit is found.
 - ``TORCH_CUDA_ARCH_LIST``: the GPU architectures, e.g. ``"9.0"``; default below.
 - ``CUDA_HOME``: the toolkit; otherwise it is found from ``nvcc`` on PATH or /usr/local/cuda.
 - ``MAX_JOBS``: parallel compile jobs (ninja).
@@ -14,6 +15,7 @@ The extension needs torch at build time: install with ``pip install --no-build-i
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -54,10 +56,18 @@ def _extensions():
     if not sources:
         return [], {}
     # A CUDA build of torch plus a toolkit is enough: the build host needs no GPU.
-    build_cuda = _flag("TRANSMIX_FORCE_CUDA") or (cuda_home is not None and torch.version.cuda is not None)
+    build_cuda = not _flag("TRANSMIX_SKIP_CUDA") and (
+        _flag("TRANSMIX_FORCE_CUDA") or (cuda_home is not None and torch.version.cuda is not None)
+    )
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 since
     # torch 2.10) whenever none is given, and an explicit older one breaks the build.
     cxx_flags = ["-O3"]
+    link_flags = []
+    # at::parallel_for is a header template: without -fopenmp it silently runs on one thread.
+    # The extension then binds to the libgomp.so.1 that torch already loaded.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if build_cuda and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         ext = CUDAExtension(
@@ -65,9 +75,12 @@ def _extensions():
             sources + cuda_sources,
             define_macros=[("TRANSMIX_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("transmix_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension(
+            "transmix_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

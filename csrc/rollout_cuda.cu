@@ -163,7 +163,7 @@ void attention_rollout_row_cuda(const std::vector<at::Tensor>& attentions, float
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t batch = attentions[0].size(0), n = attentions[0].size(2);
   const int heads = static_cast<int>(attentions[0].size(1));
-  TORCH_CHECK_VALUE(batch <= 65535, "attention_rollout on CUDA supports B <= 65535, got ", batch);
+  TORCH_CHECK_VALUE(batch <= 65535, "attention_rollout on CUDA supports B <= 65535, got ", std::to_string(batch));
   const int64_t max_chunks = (n + kRolloutRowsPerChunk - 1) / kRolloutRowsPerChunk;
   at::Tensor workspace = at::empty({2, batch, max_chunks, n}, attentions[0].options().dtype(at::kFloat));
   float* cur = workspace.data_ptr<float>();
@@ -196,7 +196,7 @@ void rollout_layer_cuda(const at::Tensor& attention, float residual, HeadFusion 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t batch = attention.size(0), n = attention.size(2);
   const int heads = static_cast<int>(attention.size(1));
-  TORCH_CHECK_VALUE(batch <= 65535, "attention_rollout on CUDA supports B <= 65535, got ", batch);
+  TORCH_CHECK_VALUE(batch <= 65535, "attention_rollout on CUDA supports B <= 65535, got ", std::to_string(batch));
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(batch));
   TRANSMIX_DISPATCH_FLOAT_TYPES(attention.scalar_type(), "rollout_layer_cuda", [&] {
     dispatch_fusion(fusion, [&](auto f) {
