@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "cutmix_paste.h"
 #include "rollout.h"
 
 namespace {
@@ -48,5 +49,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rollout_layer", &transmix::rollout_layer, pybind11::arg("attention"), pybind11::arg("residual"),
         pybind11::arg("head_fusion"),
         "One layer A'_l: heads fused, residual added, rows renormalised: (B, heads, N, N) -> (B, N, N) float32.");
+  m.def("cutmix_paste_cpu_", &transmix::cutmix_paste_cpu_, pybind11::arg("images"), pybind11::arg("boxes"),
+        pybind11::arg("partner"),
+        "In place: images[b][box b] = images[partner[b]][box b] on CPU tensors, gather then scatter, one memcpy "
+        "per box row segment. images (B, C, H, W) contiguous or channels_last, boxes (B, 4), partner (B,) int64.");
   m.def("build_info", &build_info, "What this extension was built with.");
 }

@@ -41,7 +41,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the inputs were validated")
 
     for name in ("_paste_triton", "_paste_inplace_triton", "_paste_torch", "_paste_inplace_torch",
-                 "_cutmix_paste_op", "_cutmix_paste_inplace_op"):
+                 "_move_boxes_cpu", "_move_boxes_torch", "_cutmix_paste_op", "_cutmix_paste_inplace_op"):
         monkeypatch.setattr(paste_module, name, tripwire)
     for name in ("_run_triton", "_run_torch", "_lambda_targets_op"):
         monkeypatch.setattr(lambda_module, name, tripwire)

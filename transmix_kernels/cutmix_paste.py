@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _ext
 from ._utils import (
     FLOAT_DTYPES,
     block_size,
@@ -227,15 +228,25 @@ def _move_boxes_torch(images: torch.Tensor, boxes: torch.Tensor, partner: torch.
     rows.index_copy_(0, dst, kept)
 
 
-def _paste_torch(images, boxes, partner, gh, gw):
+def _move_boxes_cpu(images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor) -> None:
+    """The CPU op: the compiled kernel of the extension (one memcpy per box row segment) when it
+    is built, else :func:`_move_boxes_torch`. Same result, bit for bit."""
+    ext = _ext.extension()
+    if ext is None or not hasattr(ext, "cutmix_paste_cpu_"):
+        _move_boxes_torch(images, boxes, partner)
+        return
+    ext.cutmix_paste_cpu_(images, boxes.expand(images.shape[0], 4) if boxes.dim() == 1 else boxes, partner)
+
+
+def _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_torch):
     dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
     out = images.clone() if dense else images.contiguous()
-    _move_boxes_torch(out, boxes, partner)
+    move(out, boxes, partner)
     return out, _token_mask_or_empty(boxes, images, gh, gw)
 
 
-def _paste_inplace_torch(images, boxes, partner, gh, gw):
-    _move_boxes_torch(images, boxes, partner)
+def _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_torch):
+    move(images, boxes, partner)
     return _token_mask_or_empty(boxes, images, gh, gw)
 
 
@@ -253,7 +264,7 @@ def _token_mask_or_empty(boxes, images, gh, gw):
 def _cutmix_paste_op(
     images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _paste_torch(images, boxes, partner, gh, gw)
+    return _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
 
 
 @_cutmix_paste_op.register_kernel("cuda")
@@ -270,7 +281,7 @@ def _(images, boxes, partner, gh, gw):
 def _cutmix_paste_inplace_op(
     images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int, max_bh: int, max_bw: int
 ) -> torch.Tensor:
-    return _paste_inplace_torch(images, boxes, partner, gh, gw)
+    return _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
 
 
 @_cutmix_paste_inplace_op.register_kernel("cuda")
@@ -383,7 +394,19 @@ def cutmix_paste(
 
 
 def _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw):
-    """Run a validated paste; TransMix calls this directly with boxes it made itself."""
+    """Run a validated paste; TransMix calls this directly with boxes it made itself.
+
+    backend "native" is what the op runs, minus the op's dispatch cost (TransMix runs eagerly):
+    Triton on CUDA, the compiled or PyTorch CPU path otherwise.
+    """
+    if backend == "native":
+        if images.is_cuda:
+            backend = "triton"
+        elif inplace:
+            return images, _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu) if gh else None
+        else:
+            mixed, token_mask = _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
+            return mixed, (token_mask if gh else None)
     if backend == "reference":
         from . import reference
 

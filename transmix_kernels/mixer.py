@@ -57,6 +57,10 @@ class MixState:
     token_mask: torch.Tensor | None = None
     impl: str = "auto"
 
+    @property
+    def backend(self) -> str:
+        return "native" if self.impl == "auto" else self.impl
+
     def mask_for(self, token_grid: tuple[int, int]) -> torch.Tensor:
         """(B, gh*gw) token mask of the pasted boxes on any grid (made lazily when not fused)."""
         token_grid = tuple(token_grid)
@@ -72,7 +76,7 @@ class MixState:
     def _soft_targets(self, lam: torch.Tensor) -> torch.Tensor:
         # target, partner and lam were made or checked by TransMix: no second validation pass.
         _, targets = run_lambda_targets(
-            self.impl, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
+            self.backend, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
         )
         return targets
 
@@ -297,67 +301,66 @@ class TransMix:
         if self.mode == "batch":
             lam, use_cutmix = self._draw(1)
             lam, use_cutmix = np.repeat(lam, batch), np.repeat(use_cutmix, batch)
-            lam_dtype = torch.float64  # timm keeps one Python float per batch
         elif self.mode == "pair":
             lam, use_cutmix = self._draw(batch // 2)
             lam, use_cutmix = np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]])
-            lam_dtype = torch.float32
         else:
             lam, use_cutmix = self._draw(batch)
-            lam_dtype = torch.float32
-        return images, self._mix(images, target, torch.from_numpy(lam).to(lam_dtype), torch.from_numpy(use_cutmix), grid)
+        # timm keeps one Python float (float64) per batch, a float32 per element or pair.
+        lam = lam.astype(np.float64 if self.mode == "batch" else np.float32)
+        return images, self._mix(images, target, lam, use_cutmix, grid)
 
-    def _sample_boxes(self, lam, use_cutmix, height, width):
-        """Host-side boxes (lam and boxes are tiny); empty boxes on rows without CutMix."""
+    def _sample_boxes(self, lam: np.ndarray, use_cutmix: np.ndarray, height: int, width: int):
+        """Host-side (B, 4) boxes, empty on rows without CutMix, and each row's label lam."""
+        count = {"batch": 1, "pair": lam.shape[0] // 2}.get(self.mode, lam.shape[0])
+        drawn, _ = sample_boxes(torch.from_numpy(lam[:count]), height, width, minmax=self.cutmix_minmax,
+                                correct_lam=True, generator=self.generator)
+        drawn = drawn.numpy()
         if self.mode == "batch":
-            boxes, _ = sample_boxes(lam[:1], height, width, minmax=self.cutmix_minmax, correct_lam=True,
-                                    generator=self.generator)
-            boxes = boxes.expand(lam.shape[0], 4)
+            drawn = np.repeat(drawn, lam.shape[0], axis=0)
         elif self.mode == "pair":
-            half = lam.shape[0] // 2
-            boxes, _ = sample_boxes(lam[:half], height, width, minmax=self.cutmix_minmax, correct_lam=True,
-                                    generator=self.generator)
-            boxes = torch.cat([boxes, boxes.flip(0)])
-        else:
-            boxes, _ = sample_boxes(lam, height, width, minmax=self.cutmix_minmax, correct_lam=True,
-                                    generator=self.generator)
-        boxes = torch.where(use_cutmix[:, None], boxes, torch.zeros_like(boxes))
-        area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double()
-        # timm: lam = 1 - area / (H * W) in float64, stored in lam's dtype (float32 per element).
-        lam_area = (1.0 - area / float(height * width)).to(lam.dtype)
-        if not (self.correct_lam or self.cutmix_minmax is not None):
-            lam_area = lam
-        return boxes.contiguous(), torch.where(use_cutmix, lam_area, lam)
+            drawn = np.concatenate([drawn, drawn[::-1]])
+        boxes = np.where(use_cutmix[:, None], drawn, 0).astype(np.int32)
+        if self.correct_lam or self.cutmix_minmax is not None:
+            # timm: lam = 1 - area / (H * W) in float64, then stored in lam's dtype.
+            area = (boxes[:, 1] - boxes[:, 0]).astype(np.float64) * (boxes[:, 3] - boxes[:, 2])
+            lam = np.where(use_cutmix, (1.0 - area / float(height * width)).astype(lam.dtype), lam)
+        return boxes, lam
 
-    def _mix(self, images, target, lam, use_cutmix, grid) -> MixState:
+    def _mix(self, images, target, lam: np.ndarray, use_cutmix: np.ndarray, grid) -> MixState:
+        """Paste and blend with host-side parameters; bookkeeping stays in NumPy (cheap per call)."""
         batch, _, height, width = images.shape
         device = images.device
         partner = flipped_partner(batch, device)
         boxes, lam = self._sample_boxes(lam, use_cutmix, height, width)
-        blend = (~use_cutmix) & (lam < 1.0)
-        kind = "cutmix" if bool(use_cutmix.all()) else "mixup" if bool(blend.all()) else \
-            "none" if not bool((use_cutmix | blend).any()) else "mixed"
-        blended = self._blend(images, partner, lam, blend) if bool(blend.any()) else None
-        boxes_dev = boxes.to(device, non_blocking=True)
+        blend = ~use_cutmix & (lam < 1.0)
+        kind = "cutmix" if use_cutmix.all() else "mixup" if blend.all() else \
+            "none" if not (use_cutmix | blend).any() else "mixed"
+        lam_t = torch.from_numpy(lam)
+        blended = self._blend(images, partner, lam_t, torch.from_numpy(blend)) if blend.any() else None
+        boxes_dev = torch.from_numpy(boxes).to(device, non_blocking=True)
         token_mask = None
-        if bool(use_cutmix.any()):
-            one_box = self.mode == "batch"
-            box_arg = boxes_dev[0] if one_box else boxes_dev
+        if use_cutmix.any():
             max_bh = int((boxes[:, 1] - boxes[:, 0]).max())
             max_bw = int((boxes[:, 3] - boxes[:, 2]).max())
-            backend = "op" if self.impl == "auto" else self.impl
+            box_arg = boxes_dev[0] if self.mode == "batch" else boxes_dev
             _, token_mask = _paste_dispatch(
-                backend, images, box_arg, partner, *(grid or (0, 0)), True, max_bh, max_bw
+                self.backend, images, box_arg, partner, *(grid or (0, 0)), True, max_bh, max_bw
             )
         if blended is not None:
-            rows = blend.nonzero().flatten().to(device)
-            images[rows] = blended
+            images[torch.from_numpy(np.flatnonzero(blend)).to(device)] = blended
+        lam_dev = lam_t.to(device)
         return MixState(
-            kind=kind, cutmix=use_cutmix.to(device), boxes=boxes_dev, partner=partner,
-            lam=lam.to(device), lam_area=lam.float().to(device), target=target, num_classes=self.num_classes,
+            kind=kind, cutmix=torch.from_numpy(use_cutmix).to(device), boxes=boxes_dev, partner=partner,
+            lam=lam_dev, lam_area=lam_dev.float(), target=target, num_classes=self.num_classes,
             smoothing=self.label_smoothing, ratio=self.ratio, image_size=(height, width),
             token_grid=grid if token_mask is not None else None, token_mask=token_mask, impl=self.impl,
         )
+
+    @property
+    def backend(self) -> str:
+        # "native": the ops' own kernels without the torch.library dispatch (TransMix runs eagerly).
+        return "native" if self.impl == "auto" else self.impl
 
     def _blend(self, images, partner, lam, rows_mask):
         """Mixup rows, computed from the unmixed batch before any paste; written back after it."""

@@ -179,13 +179,15 @@ def _(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
     return lam.new_empty((batch,), dtype=torch.float32), lam.new_empty((batch, width), dtype=torch.float32)
 
 
-def run_lambda_targets(impl, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+def run_lambda_targets(backend, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
     """Validated inputs -> (lam (B,) float32, targets (B, K) float32 or (B, 0)).
 
-    attn None: lam is given (targets only); target None: lambda only. TransMix calls this
-    directly with the tensors it made itself.
+    attn None: lam is given (targets only); target None: lambda only. backend: "op",
+    "triton", "torch", "reference", or "native" (what the op runs, without its dispatch cost:
+    TransMix calls this directly with tensors it made itself).
     """
-    backend = dispatch_backend(impl, lam.device)
+    if backend == "native":
+        backend = "triton" if lam.is_cuda else "torch"
     args = (attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
     if backend == "triton":
         return _run_triton(*args)
@@ -262,7 +264,8 @@ def transmix_lambda(
     """
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
-    lam, _ = run_lambda_targets(impl, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
+    backend = dispatch_backend(impl, lam_area.device)
+    lam, _ = run_lambda_targets(backend, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
     return lam
 
 
@@ -289,7 +292,8 @@ def mix_targets(
     """
     check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
     partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
-    _, targets = run_lambda_targets(impl, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
+    backend = dispatch_backend(impl, lam.device)
+    _, targets = run_lambda_targets(backend, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
     return targets
 
 
@@ -313,5 +317,8 @@ def transmix_targets(
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     partner = _check_targets(target, num_classes, partner, smoothing, attn.device, attn.shape[0])
-    lam, targets = run_lambda_targets(impl, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing))
+    backend = dispatch_backend(impl, attn.device)
+    lam, targets = run_lambda_targets(
+        backend, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing)
+    )
     return targets, lam
