@@ -49,17 +49,24 @@ def _reference_step(mode):
     return step
 
 
-def _providers(mode):
-    transmix = tk.TransMix(NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=1.0, mode=mode, seed=0)
-    timm_mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, mode=mode, num_classes=NUM_CLASSES, label_smoothing=0.1)
-    tv_cutmix = v2.CutMix(num_classes=NUM_CLASSES, alpha=1.0)
+def _transmix_step(mode, impl):
+    transmix = tk.TransMix(NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=1.0, mode=mode, seed=0, impl=impl)
 
-    def ours(images, target):
+    def step(images, target):
         images, mix = transmix(images, target)
         return mix.targets()
 
+    return step
+
+
+def _providers(mode):
+    timm_mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, mode=mode, num_classes=NUM_CLASSES, label_smoothing=0.1)
+    tv_cutmix = v2.CutMix(num_classes=NUM_CLASSES, alpha=1.0)
+
     providers = {
-        "transmix": ours,
+        # impl="auto": on CPU the compiled paste of the extension when built, else the torch path.
+        "transmix": _transmix_step(mode, "auto"),
+        "transmix-torch-path": _transmix_step(mode, "torch"),
         "reference": _reference_step(mode),
         "timm": lambda images, target: timm_mixup(images, target),
     }
@@ -71,7 +78,7 @@ def _providers(mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape, mode", CASES)
-@pytest.mark.parametrize("provider", ["transmix", "reference", "timm", "torchvision"])
+@pytest.mark.parametrize("provider", ["transmix", "transmix-torch-path", "reference", "timm", "torchvision"])
 def test_cutmix_step(benchmark, record, provider, shape, mode, device):
     providers = _providers(mode)
     if provider not in providers:
