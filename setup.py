@@ -36,7 +36,9 @@ def _find_cuda_home() -> str | None:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
     candidates.append("/usr/local/cuda")
     for root in candidates:
-        if root and (Path(root) / "bin" / "nvcc").exists():
+        # A toolkit root has the compiler and the runtime headers: an nvcc wrapper script in
+        # /usr/local/bin must not make /usr/local look like one (linking -lcudart would fail).
+        if root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
             return root
     return None
 
