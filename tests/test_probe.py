@@ -19,7 +19,7 @@ from torch import nn
 import transmix_kernels as tk
 from transmix_kernels import probe as probe_mod
 from transmix_kernels.class_attention_lambda import class_attention_row
-from tiny_models import BUILDERS, IMAGE, _images, _timm, cait, deit_distilled, pvt, swin, vit, xcit  # noqa: F401
+from tiny_models import BUILDERS, IMAGE, _images, cait, pvt, swin, vit, xcit
 
 # The sharpened tiny models give probabilities from ~2e-4 to ~0.3 and logits up to ~10, so fp32
 # rounding of the logits alone moves a probability by ~1e-6 relative; measured worst case on this

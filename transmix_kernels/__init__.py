@@ -24,3 +24,21 @@ from .rollout import attention_rollout
 from .probe import ClassAttentionProbe, infer_token_grid, register_attention_family
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ClassAttentionProbe",
+    "MixState",
+    "TransMix",
+    "attention_rollout",
+    "class_attention_lambda",
+    "class_attention_row",
+    "cutmix_paste",
+    "infer_token_grid",
+    "mix_targets",
+    "reference",
+    "register_attention_family",
+    "rollout_from_qk",
+    "sample_boxes",
+    "transmix_lambda",
+    "transmix_targets",
+]

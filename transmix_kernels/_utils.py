@@ -115,6 +115,17 @@ def check_index_range(name: str, value: torch.Tensor, low: int, high: int) -> No
         raise ValueError(f"{name} must hold values in [{low}, {high}), got values in [{lo}, {hi}]")
 
 
+def check_partner(partner, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 indices in [0, B); None means the flipped batch."""
+    if partner is None:
+        return flipped_partner(batch, device)
+    check_tensor("partner", partner, ndim=1, dtypes=(torch.int64,), device=device)
+    if partner.shape[0] != batch:
+        raise ValueError(f"partner must have shape ({batch},) (one index per sample), got {tuple(partner.shape)}")
+    check_index_range("partner", partner, 0, batch)
+    return partner
+
+
 def flipped_partner(batch: int, device: torch.device) -> torch.Tensor:
     """The reference pairing: sample i with B-1-i (an odd batch pairs its middle with itself)."""
     return torch.arange(batch - 1, -1, -1, device=device, dtype=torch.int64)

@@ -22,9 +22,8 @@ from . import _ext
 from ._utils import (
     FLOAT_DTYPES,
     block_size,
-    check_index_range,
+    check_partner,
     check_tensor,
-    flipped_partner,
     dispatch_backend,
     nearest_scale,
 )
@@ -337,16 +336,6 @@ def check_boxes(boxes, batch: int, height: int, width: int, device: torch.device
     if min_h < 0 or min_w < 0:
         raise ValueError("boxes must not be inverted: need y0 <= y1 and x0 <= x1 in every [y0, y1, x0, x1] row")
     return max_h, max_w
-
-
-def check_partner(partner, batch: int, device: torch.device) -> torch.Tensor:
-    if partner is None:
-        return flipped_partner(batch, device)
-    check_tensor("partner", partner, ndim=1, dtypes=(torch.int64,), device=device)
-    if partner.shape[0] != batch:
-        raise ValueError(f"partner must have shape ({batch},) (one index per image), got {tuple(partner.shape)}")
-    check_index_range("partner", partner, 0, batch)
-    return partner
 
 
 def cutmix_paste(

@@ -25,10 +25,10 @@ from ._utils import (
     block_size,
     check_batch,
     check_index_range,
+    check_partner,
     check_range,
     check_tensor,
     dispatch_backend,
-    flipped_partner,
 )
 
 
@@ -230,13 +230,7 @@ def _check_targets(target, num_classes, partner, smoothing, device, batch):
         raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
     check_index_range("target", target, 0, num_classes)
     check_range("smoothing", smoothing, 0.0, 1.0)
-    if partner is None:
-        return flipped_partner(batch, device)
-    check_tensor("partner", partner, ndim=1, dtypes=(torch.int64,), device=device)
-    if partner.shape[0] != batch:
-        raise ValueError(f"partner must have shape ({batch},) (one index per sample), got {tuple(partner.shape)}")
-    check_index_range("partner", partner, 0, batch)
-    return partner
+    return check_partner(partner, batch, device)
 
 
 # ---------------------------------------------------------------- public functions
