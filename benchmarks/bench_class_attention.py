@@ -21,11 +21,13 @@ import torch
 import transmix_kernels as tk
 from transmix_kernels import reference
 
+from conftest import bench_devices
+
 BATCH, HEADS, TOKENS, HEAD_DIM, BLOCKS = 64, 6, 197, 64, 12  # DeiT-S at 224 px
 SCALE = HEAD_DIM ** -0.5
 # (device, dtype): on CUDA bf16 (the autocast case) and fp32 (IEEE products in the Triton kernels).
-TARGETS = [("cpu", torch.float32)] + (
-    [("cuda", torch.bfloat16), ("cuda", torch.float32)] if torch.cuda.is_available() else []
+TARGETS = ([("cpu", torch.float32)] if "cpu" in bench_devices() else []) + (
+    [("cuda", torch.bfloat16), ("cuda", torch.float32)] if "cuda" in bench_devices() else []
 )
 TARGET_IDS = [f"{device}-{str(dtype)[6:]}" for device, dtype in TARGETS]
 

@@ -39,7 +39,8 @@ echo "tests rc=$?" | tee -a "$OUT/summary.md"
 tail -n 25 "$OUT/tests.log" | tee -a "$OUT/summary.md"
 
 stage "benchmarks"
-timeout ${BENCH_TIMEOUT:-240} $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+# CUDA rows only: the CPU rows are measured on the 2-core development machine (RESULTS.md).
+BENCH_DEVICES=${BENCH_DEVICES:-cuda} timeout ${BENCH_TIMEOUT:-240} $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 echo "benchmarks rc=$?" | tee -a "$OUT/summary.md"
 $PY benchmarks/summarize.py "$OUT/bench.json" 2>&1 | tee -a "$OUT/summary.md"

@@ -33,7 +33,8 @@ def info() -> dict[str, object]:
         "cuda device": torch.cuda.get_device_name(0) if cuda else None,
         "triton backend": "available" if _utils.HAS_TRITON else "missing",
         "triton interpreter (TRITON_INTERPRET=1)": _utils.TRITON_INTERPRET,
-        "impl='auto' runs": "triton on CUDA tensors, torch on CPU tensors",
+        "impl='auto' runs": "Triton on CUDA tensors; PyTorch on CPU tensors (the CPU paste uses the "
+        "extension's compiled kernel when it is built)",
     }
     report.update(_ext.build_info())
     report["CUDA_HOME"] = os.environ.get("CUDA_HOME")
