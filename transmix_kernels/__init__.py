@@ -23,6 +23,9 @@ from .qk_rollout import rollout_from_qk
 from .rollout import attention_rollout
 from .probe import ClassAttentionProbe, infer_token_grid, register_attention_family
 
+# `tk.info()`: versions, backends and how the extension was built (`python -m transmix_kernels.info`).
+from ._info import info
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "class_attention_row",
     "cutmix_paste",
     "infer_token_grid",
+    "info",
     "mix_targets",
     "reference",
     "register_attention_family",
