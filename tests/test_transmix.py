@@ -272,3 +272,23 @@ def test_layouts_dtypes_and_triton(seed, device, mode):
                 assert_equal("bf16 paste", images, reference.cutmix_paste(low_orig, mix.boxes, mix.partner)[0])
             else:  # blends round to bf16
                 assert_close(f"bf16 images {mix.kind}", images, expected_images(low_orig, mix), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("grid", [None, (3, 4)], ids=["no-grid", "grid"])
+def test_every_backend_pastes_the_same_images(seed, mode, grid):
+    """impl="auto" (compiled or native CPU path), "torch" and "reference" mix identically, with or
+    without a token grid, and the result is the reference paste of the recorded boxes."""
+    images = torch.randn(6, 3, 13, 17)
+    labels = torch.randint(0, 7, (6,))
+    results = {}
+    for impl in ("auto", "torch", "reference"):
+        transmix = tk.TransMix(7, mixup_alpha=0.0, cutmix_alpha=1.0, mode=mode, token_grid=grid, seed=5, impl=impl)
+        mixed, mix = transmix(images.clone(), labels)
+        results[impl] = (mixed, mix)
+    mixed, mix = results["reference"]
+    expected, _ = tk.reference.cutmix_paste(images, mix.boxes, mix.partner)
+    assert not torch.equal(expected, images), "the drawn boxes must move pixels for this test to mean anything"
+    for impl, (got, got_mix) in results.items():
+        assert torch.equal(got_mix.boxes, mix.boxes), impl
+        assert_equal(f"{impl} mixed images", got, expected)

@@ -392,7 +392,8 @@ def _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw):
         if images.is_cuda:
             backend = "triton"
         elif inplace:
-            return images, _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu) if gh else None
+            token_mask = _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
+            return images, (token_mask if gh else None)
         else:
             mixed, token_mask = _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
             return mixed, (token_mask if gh else None)
