@@ -180,3 +180,22 @@ def test_boxes_always_valid(height, width, lam, lam_f64, minmax, draw_seed):
     area = ((y1 - y0) * (x1 - x0)).double()
     assert_equal("lam_area", lam_area, (1.0 - area / (height * width)).float())
     assert bool(((lam_area >= 0) & (lam_area <= 1)).all())
+
+
+@pytest.mark.parametrize("lam_dtype", [np.float32, np.float64], ids=["lam-f32", "lam-f64"])
+@pytest.mark.parametrize("minmax", [None, (0.2, 0.8)], ids=["rand_bbox", "minmax"])
+def test_box_corners_numpy_equals_torch(lam_dtype, minmax):
+    """TransMix draws boxes on the host with NumPy; the arithmetic must be the torch path's, bit for bit
+    (NumPy keeps float32 for float32 lam, as torch does)."""
+    from transmix_kernels.boxes import box_corners
+
+    rng = np.random.default_rng(7)
+    lam = rng.random(257).astype(lam_dtype)
+    draws = rng.random((4 if minmax else 2, 257))
+    for height, width in [(13, 17), (224, 224), (31, 9)]:
+        got = box_corners(lam, height, width, minmax, draws, sqrt=np.sqrt,
+                          to_int=lambda a: a.astype(np.int64), clip=np.clip)
+        want = box_corners(torch.from_numpy(lam), height, width, minmax, torch.from_numpy(draws),
+                           sqrt=torch.sqrt, to_int=lambda t: t.long(), clip=torch.clamp)
+        for name, g, w in zip(("y0", "y1", "x0", "x1"), got, want):
+            assert np.array_equal(g, w.numpy()), f"{name} differs for {height}x{width}"

@@ -164,18 +164,16 @@ def drive_with_timm_draws(monkeypatch, mixer, record, mode):
         assert count == draws[0].shape[0]
         return draws
 
-    def fake_sample_boxes(lam, height, width, **kwargs):
+    def fake_draw_boxes(lam, height, width):
         assert (height, width) == (HEIGHT, WIDTH) and lam.shape[0] == draws[0].shape[0]
         queue = iter(recorded)
         # Rows without CutMix get a non-empty junk box: the mixer must blank it itself.
         rows = [next(queue) if cut else [1, 4, 2, 9] for cut in draws[1]]
         assert next(queue, None) is None
-        boxes = torch.tensor(rows, dtype=torch.int32).view(-1, 4)
-        area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double()
-        return boxes, (1 - area / (height * width)).float()
+        return np.array(rows, dtype=np.int32).reshape(-1, 4)
 
     monkeypatch.setattr(mixer, "_draw", fake_draw)
-    monkeypatch.setattr(mixer_module, "sample_boxes", fake_sample_boxes)
+    monkeypatch.setattr(mixer, "_draw_boxes", fake_draw_boxes)
 
 
 @pytest.mark.parametrize("mode", ("batch", "pair", "elem"))

@@ -18,28 +18,34 @@ def draw_box_randoms(
     return torch.rand((4 if minmax else 2, batch), generator=generator, device=device, dtype=torch.float64)
 
 
-def _boxes_torch(lam, height, width, minmax, correct_lam, generator):
-    batch = lam.shape[0]
-    draws = draw_box_randoms(batch, lam.device, minmax is not None, generator)
+def box_corners(lam, height: int, width: int, minmax, draws, *, sqrt, to_int, clip):
+    """timm's ``rand_bbox`` / ``rand_bbox_minmax`` arithmetic, on torch tensors or NumPy arrays.
+
+    lam: (B,) float; draws: (2, B) or (4, B) uniform [0, 1) float64 (see draw_box_randoms);
+    sqrt, to_int (truncation; values are >= 0) and clip come from the array library. Side
+    lengths are computed in lam's own precision, as timm does. Returns y0, y1, x0, x1 (B,) ints.
+    """
     if minmax is None:
-        # timm computes in lam's precision: float64 for one lam per batch, float32 per element.
-        ratio = torch.sqrt(1 - lam)
-        cut_h = (height * ratio).long()
-        cut_w = (width * ratio).long()
-        cy = (draws[0] * height).long()
-        cx = (draws[1] * width).long()
-        y0 = (cy - cut_h // 2).clamp(0, height)
-        y1 = (cy + (cut_h + 1) // 2).clamp(0, height)
-        x0 = (cx - cut_w // 2).clamp(0, width)
-        x1 = (cx + (cut_w + 1) // 2).clamp(0, width)
-    else:
-        lo_h, hi_h = int(height * minmax[0]), int(height * minmax[1])
-        lo_w, hi_w = int(width * minmax[0]), int(width * minmax[1])
-        cut_h = lo_h + (draws[0] * (hi_h - lo_h)).long()
-        cut_w = lo_w + (draws[1] * (hi_w - lo_w)).long()
-        y0 = (draws[2] * (height - cut_h + 1)).long()
-        x0 = (draws[3] * (width - cut_w + 1)).long()
-        y1, x1 = y0 + cut_h, x0 + cut_w
+        ratio = sqrt(1 - lam)
+        cut_h, cut_w = to_int(height * ratio), to_int(width * ratio)
+        cy, cx = to_int(draws[0] * height), to_int(draws[1] * width)
+        y0, y1 = clip(cy - cut_h // 2, 0, height), clip(cy + (cut_h + 1) // 2, 0, height)
+        x0, x1 = clip(cx - cut_w // 2, 0, width), clip(cx + (cut_w + 1) // 2, 0, width)
+        return y0, y1, x0, x1
+    lo_h, hi_h = int(height * minmax[0]), int(height * minmax[1])
+    lo_w, hi_w = int(width * minmax[0]), int(width * minmax[1])
+    cut_h = lo_h + to_int(draws[0] * (hi_h - lo_h))
+    cut_w = lo_w + to_int(draws[1] * (hi_w - lo_w))
+    y0 = to_int(draws[2] * (height - cut_h + 1))
+    x0 = to_int(draws[3] * (width - cut_w + 1))
+    return y0, y0 + cut_h, x0, x0 + cut_w
+
+
+def _boxes_torch(lam, height, width, minmax, correct_lam, generator):
+    draws = draw_box_randoms(lam.shape[0], lam.device, minmax is not None, generator)
+    y0, y1, x0, x1 = box_corners(
+        lam, height, width, minmax, draws, sqrt=torch.sqrt, to_int=lambda t: t.long(), clip=torch.clamp
+    )
     boxes = torch.stack([y0, y1, x0, x1], dim=1).to(torch.int32)
     if correct_lam or minmax is not None:
         lam_area = 1.0 - ((y1 - y0) * (x1 - x0)).double() / float(height * width)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._utils import check_index_range, check_range, check_tensor, FLOAT_DTYPES, flipped_partner, IMPLS, resolve_impl
-from .boxes import sample_boxes
+from .boxes import box_corners
 from .cutmix_paste import _dispatch as _paste_dispatch
 from .cutmix_paste import token_mask_torch
 from .transmix_lambda import run_lambda_targets, transmix_lambda, transmix_targets
@@ -218,7 +218,6 @@ class TransMix:
         self.impl = impl
         self.mixup_enabled = True
         self.rng = np.random.default_rng(seed)
-        self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
 
     @staticmethod
     def _non_negative(name: str, value: float) -> float:
@@ -310,12 +309,19 @@ class TransMix:
         lam = lam.astype(np.float64 if self.mode == "batch" else np.float32)
         return images, self._mix(images, target, lam, use_cutmix, grid)
 
+    def _draw_boxes(self, lam: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(count, 4) int32 boxes on the host, timm's rand_bbox semantics (NumPy: cheap per call)."""
+        draws = self.rng.random((2 if self.cutmix_minmax is None else 4, lam.shape[0]))
+        corners = box_corners(
+            lam, height, width, self.cutmix_minmax, draws,
+            sqrt=np.sqrt, to_int=lambda a: a.astype(np.int64), clip=np.clip,
+        )
+        return np.stack(corners, axis=1).astype(np.int32)
+
     def _sample_boxes(self, lam: np.ndarray, use_cutmix: np.ndarray, height: int, width: int):
         """Host-side (B, 4) boxes, empty on rows without CutMix, and each row's label lam."""
         count = {"batch": 1, "pair": lam.shape[0] // 2}.get(self.mode, lam.shape[0])
-        drawn, _ = sample_boxes(torch.from_numpy(lam[:count]), height, width, minmax=self.cutmix_minmax,
-                                correct_lam=True, generator=self.generator)
-        drawn = drawn.numpy()
+        drawn = self._draw_boxes(lam[:count], height, width)
         if self.mode == "batch":
             drawn = np.repeat(drawn, lam.shape[0], axis=0)
         elif self.mode == "pair":
