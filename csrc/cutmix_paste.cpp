@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -34,6 +35,29 @@ inline void copy_words(char* dst, const char* src, int64_t bytes, int64_t item) 
     copy_as<uint16_t>(dst, src, bytes);
   } else {
     std::memcpy(dst, src, bytes);
+  }
+}
+
+template <typename Word>
+inline void swap_as(char* __restrict a, char* __restrict b, int64_t bytes) {
+  Word* x = reinterpret_cast<Word*>(a);
+  Word* y = reinterpret_cast<Word*>(b);
+  const int64_t n = bytes / static_cast<int64_t>(sizeof(Word));
+  for (int64_t i = 0; i < n; ++i) {
+    const Word t = x[i];
+    x[i] = y[i];
+    y[i] = t;
+  }
+}
+
+// Swaps `bytes` between two non-overlapping ranges (different images).
+inline void swap_words(char* a, char* b, int64_t bytes, int64_t item) {
+  if (item == 4) {
+    swap_as<uint32_t>(a, b, bytes);
+  } else if (item == 2) {
+    swap_as<uint16_t>(a, b, bytes);
+  } else {
+    swap_as<unsigned char>(a, b, bytes);
   }
 }
 
@@ -107,21 +131,43 @@ void cutmix_paste_cpu_(at::Tensor images, const at::Tensor& boxes, const at::Ten
     involution = src_of[src_of[b]] == b;
   }
   if (involution) {
-    // Only b and p = partner[b] read or write each other's pixels, so each pair is gathered and
-    // scattered on its own, through a small buffer that stays in cache: one read and one write
-    // of each box in memory, instead of a round trip through a batch-sized staging buffer.
-    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
-      std::vector<char> buffer;
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t p = src_of[b];
-        if (p < b || p == b) {
-          continue;  // the pair was done from its smaller index; a sample paired with itself keeps its pixels
+    // Only b and p = partner[b] read or write each other's pixels, so each pair is done on its
+    // own, in place: inside both boxes the two images swap, inside b's box only b takes p's
+    // pixels (p keeps them there), inside p's box only p takes b's. Each pixel moves once.
+    const int64_t pixel = segment_items * item;  // bytes of one pixel of a row segment (== sw)
+    auto copy_outside = [&](char* dst_row, const char* src_row, const Box& bx, int64_t lo, int64_t hi) {
+      if (hi <= lo) {  // no overlap on this row: the whole box row
+        copy_words(dst_row + bx.x0 * sw, src_row + bx.x0 * sw, bx.width() * pixel, item);
+        return;
+      }
+      copy_words(dst_row + bx.x0 * sw, src_row + bx.x0 * sw, (lo - bx.x0) * pixel, item);
+      copy_words(dst_row + hi * sw, src_row + hi * sw, (bx.x1 - hi) * pixel, item);
+    };
+    auto swap_pair = [&](int64_t b, int64_t p) {
+      const Box& bb = box[b];
+      const Box& bp = box[p];
+      const int64_t y_lo = std::min(bb.y0, bp.y0), y_hi = std::max(bb.y1, bp.y1);
+      for (int64_t s = 0; s < segments_per_row; ++s) {
+        for (int64_t y = y_lo; y < y_hi; ++y) {
+          char* row_b = base + b * sb + s * sc + y * sh;
+          char* row_p = base + p * sb + s * sc + y * sh;
+          const bool in_b = bb.y0 <= y && y < bb.y1 && bb.x0 < bb.x1;
+          const bool in_p = bp.y0 <= y && y < bp.y1 && bp.x0 < bp.x1;
+          int64_t lo = 0, hi = 0;  // overlap [lo, hi) of the two boxes' columns on this row
+          if (in_b && in_p) {
+            lo = std::max(bb.x0, bp.x0);
+            hi = std::max(lo, std::min(bb.x1, bp.x1));
+            swap_words(row_b + lo * sw, row_p + lo * sw, (hi - lo) * pixel, item);
+          }
+          if (in_b) copy_outside(row_b, row_p, bb, lo, hi);
+          if (in_p) copy_outside(row_p, row_b, bp, lo, hi);
         }
-        buffer.resize(box_bytes(b) + box_bytes(p));
-        for_each_segment(b, p, buffer.data(), gather);
-        for_each_segment(p, b, buffer.data() + box_bytes(b), gather);
-        for_each_segment(b, b, buffer.data(), scatter);
-        for_each_segment(p, p, buffer.data() + box_bytes(b), scatter);
+      }
+    };
+    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        // Each pair once, from its smaller index; a sample paired with itself keeps its pixels.
+        if (src_of[b] > b) swap_pair(b, src_of[b]);
       }
     });
     return;

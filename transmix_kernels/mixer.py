@@ -314,7 +314,8 @@ class TransMix:
         draws = self.rng.random((2 if self.cutmix_minmax is None else 4, lam.shape[0]))
         corners = box_corners(
             lam, height, width, self.cutmix_minmax, draws,
-            sqrt=np.sqrt, to_int=lambda a: a.astype(np.int64), clip=np.clip,
+            # np.minimum/np.maximum: the same values as np.clip, at a fraction of its call cost.
+            sqrt=np.sqrt, to_int=lambda a: a.astype(np.int64), clip=lambda a, lo, hi: np.minimum(np.maximum(a, lo), hi),
         )
         return np.stack(corners, axis=1).astype(np.int32)
 

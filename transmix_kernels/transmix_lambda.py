@@ -131,15 +131,15 @@ def _lambda_torch(attn, token_mask, lam_area, ratio):
 def _targets_torch(target, lam_self, lam_other, partner, num_classes, smoothing):
     """Soft targets without building two one-hot matrices: every entry is one of four sums,
     each computed exactly as ``y1 * lam_self + y2 * lam_other`` would compute it."""
+    # Python-float scalars enter float32 arithmetic rounded to float32, exactly like timm's
+    # one-hot entries: no scalar tensors to build per call.
     on, off = _smoothing_values(num_classes, smoothing)
-    on_t = torch.tensor(on, dtype=torch.float32, device=target.device)
-    off_t = torch.tensor(off, dtype=torch.float32, device=target.device)
     lam_self, lam_other = lam_self.view(-1, 1), lam_other.view(-1, 1)
     y_self, y_other = target.view(-1, 1), target[partner].view(-1, 1)
-    out = (off_t * lam_self + off_t * lam_other).expand(-1, num_classes).contiguous()
-    out.scatter_(1, y_other, off_t * lam_self + on_t * lam_other)
-    self_other = torch.where(y_self == y_other, on_t, off_t)
-    out.scatter_(1, y_self, on_t * lam_self + self_other * lam_other)
+    out = (off * lam_self + off * lam_other).expand(-1, num_classes).contiguous()
+    out.scatter_(1, y_other, off * lam_self + on * lam_other)
+    self_other = torch.where(y_self == y_other, on, off)
+    out.scatter_(1, y_self, on * lam_self + self_other * lam_other)
     return out
 
 
