@@ -47,3 +47,25 @@ def test_transmix_training_step(seed, family, mode):
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
     assert _fused_flags(model) == fused_before, "the attention path of the model was switched"
+
+
+def test_targets_from_a_probe_that_does_not_match_the_mix(seed):
+    model = BUILDERS["vit"]().train()
+    images = _images(IMAGE["vit"], batch=4)
+    labels = torch.randint(0, NUM_CLASSES, (4,))
+    transmix = tk.TransMix(NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=1.0, model=model, seed=0)
+    mixed, mix = transmix(images, labels)
+    with tk.ClassAttentionProbe(model) as probe:
+        with pytest.raises(RuntimeError, match="no forward pass"):
+            mix.targets(probe)
+        model(_images(IMAGE["vit"], batch=3))  # another batch size
+        with pytest.raises(ValueError, match="batch size 3 but this MixState mixed 4"):
+            mix.targets(probe)
+        model(mixed)
+        assert mix.targets(probe).shape == (4, NUM_CLASSES)
+        # A batch mixed for another token grid than the model's.
+        _, other = tk.TransMix(NUM_CLASSES, mixup_alpha=0.0, token_grid=(3, 3), seed=0)(images.clone(), labels)
+        with pytest.raises(ValueError, match="token grid"):
+            other.targets(probe)
+    with pytest.raises(ValueError, match="attention has batch size 2"):
+        mix.targets(torch.rand(2, mix.token_grid[0] * mix.token_grid[1]).softmax(-1))

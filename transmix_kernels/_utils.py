@@ -83,10 +83,10 @@ def check_tensor(
     return value
 
 
-def check_batch(name: str, value: torch.Tensor, batch: int, dim: int = 0) -> None:
+def check_batch(name: str, value: torch.Tensor, batch: int, dim: int = 0, like: str = "images") -> None:
     if value.shape[dim] != batch:
         raise ValueError(
-            f"{name} must have batch size {batch} in dimension {dim} (like images), got shape {tuple(value.shape)}"
+            f"{name} must have batch size {batch} in dimension {dim} (like {like}), got shape {tuple(value.shape)}"
         )
 
 
@@ -113,6 +113,20 @@ def check_index_range(name: str, value: torch.Tensor, low: int, high: int) -> No
         return
     if lo < low or hi >= high:
         raise ValueError(f"{name} must hold values in [{low}, {high}), got values in [{lo}, {hi}]")
+
+
+def check_unit_interval(name: str, value: torch.Tensor) -> None:
+    """All elements finite and in [0, 1] (mixing weights); one host sync, before any kernel runs."""
+    if value.numel() == 0:
+        return
+    lo, hi = value.min(), value.max()
+    if torch.compiler.is_compiling():
+        # Float values cannot be guarded on in a trace: the compiled graph asserts them instead.
+        torch._assert_async(torch.logical_and(lo >= 0, hi <= 1), "a mixing weight is outside [0, 1]")
+        return
+    lo, hi = float(lo), float(hi)
+    if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
+        raise ValueError(f"{name} must hold finite values in [0, 1], got values in [{lo}, {hi}]")
 
 
 def check_partner(partner, batch: int, device: torch.device) -> torch.Tensor:

@@ -30,6 +30,7 @@ from ._utils import (
     HAS_TRITON,
     block_size,
     check_batch,
+    check_unit_interval,
     check_range,
     check_tensor,
     dispatch_backend,
@@ -330,14 +331,15 @@ def class_attention_lambda(
     _check_query_keys(q_cls, k, scale, num_prefix_tokens)
     batch, _, n_total, _ = k.shape
     check_tensor("token_mask", token_mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,), device=k.device)
-    check_batch("token_mask", token_mask, batch)
+    check_batch("token_mask", token_mask, batch, like="k")
     if token_mask.shape[1] != n_total - num_prefix_tokens:
         raise ValueError(
             f"token_mask must have shape (B, N_total - num_prefix_tokens) = {(batch, n_total - num_prefix_tokens)}, "
             f"got {tuple(token_mask.shape)}"
         )
     check_tensor("lam_area", lam_area, ndim=1, dtypes=(torch.float32, torch.float64), device=k.device)
-    check_batch("lam_area", lam_area, batch)
+    check_batch("lam_area", lam_area, batch, like="k")
+    check_unit_interval("lam_area", lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     backend = dispatch_backend(impl, k.device)
     # The lambda is a label weight: no gradient flows into it, and detach() is a free view.

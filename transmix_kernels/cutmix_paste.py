@@ -15,11 +15,10 @@ overlap of per-sample boxes safe.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _ext
 from ._utils import (
+    HAS_TRITON,
     FLOAT_DTYPES,
     block_size,
     check_partner,
@@ -31,95 +30,99 @@ from ._utils import (
 BLOCK_PIXELS = 256
 
 
-@triton.jit
-def _box_of(boxes_ptr, box_stride, b):
-    y0 = tl.load(boxes_ptr + b * box_stride + 0).to(tl.int64)
-    y1 = tl.load(boxes_ptr + b * box_stride + 1).to(tl.int64)
-    x0 = tl.load(boxes_ptr + b * box_stride + 2).to(tl.int64)
-    x1 = tl.load(boxes_ptr + b * box_stride + 3).to(tl.int64)
-    return y0, y1, x0, x1
+if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _box_of(boxes_ptr, box_stride, b):
+        y0 = tl.load(boxes_ptr + b * box_stride + 0).to(tl.int64)
+        y1 = tl.load(boxes_ptr + b * box_stride + 1).to(tl.int64)
+        x0 = tl.load(boxes_ptr + b * box_stride + 2).to(tl.int64)
+        x1 = tl.load(boxes_ptr + b * box_stride + 3).to(tl.int64)
+        return y0, y1, x0, x1
 
 
-@triton.jit
-def _write_token_mask(
-    token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS: tl.constexpr
-):
-    # The token grid is tiny (e.g. 14x14): one program per sample writes its row.
-    for start in range(0, GH * GW, BLOCK_TOKENS):
-        t = start + tl.arange(0, BLOCK_TOKENS)
-        valid = t < GH * GW
-        # Same float32 arithmetic as F.interpolate(mode="nearest").
-        py = tl.minimum(tl.floor((t // GW).to(tl.float32) * scale_h).to(tl.int64), H - 1)
-        px = tl.minimum(tl.floor((t % GW).to(tl.float32) * scale_w).to(tl.int64), W - 1)
-        inside = (py >= y0) & (py < y1) & (px >= x0) & (px < x1)
-        tl.store(token_mask_ptr + b * GH * GW + t, inside.to(tl.float32), mask=valid)
+    @triton.jit
+    def _write_token_mask(
+        token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS: tl.constexpr
+    ):
+        # The token grid is tiny (e.g. 14x14): one program per sample writes its row.
+        for start in range(0, GH * GW, BLOCK_TOKENS):
+            t = start + tl.arange(0, BLOCK_TOKENS)
+            valid = t < GH * GW
+            # Same float32 arithmetic as F.interpolate(mode="nearest").
+            py = tl.minimum(tl.floor((t // GW).to(tl.float32) * scale_h).to(tl.int64), H - 1)
+            px = tl.minimum(tl.floor((t % GW).to(tl.float32) * scale_w).to(tl.int64), W - 1)
+            inside = (py >= y0) & (py < y1) & (px >= x0) & (px < x1)
+            tl.store(token_mask_ptr + b * GH * GW + t, inside.to(tl.float32), mask=valid)
 
 
-@triton.jit
-def _cutmix_paste_kernel(
-    images_ptr, out_ptr, boxes_ptr, partner_ptr, token_mask_ptr,
-    C, H, W, GH, GW, scale_h, scale_w, box_stride,
-    s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HAS_TOKENS: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
-    y0, y1, x0, x1 = _box_of(boxes_ptr, box_stride, b)
-    src = tl.load(partner_ptr + b).to(tl.int64)
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    y = p // W
-    x = p % W
-    valid_p = p < H * W
-    inside = (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
-    in_off = y * s_h + x * s_w
-    out_off = y * o_h + x * o_w
-    for c_start in range(0, C, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C)
-        valid = valid_p[:, None] & (c < C)[None, :]
-        take_partner = valid & inside[:, None]
-        # Each element is read exactly once: from the sample itself or from its partner.
-        own = tl.load(images_ptr + b * s_b + c[None, :] * s_c + in_off[:, None], mask=valid & ~take_partner)
-        other = tl.load(images_ptr + src * s_b + c[None, :] * s_c + in_off[:, None], mask=take_partner)
-        tl.store(out_ptr + b * o_b + c[None, :] * o_c + out_off[:, None], tl.where(take_partner, other, own), mask=valid)
-    if HAS_TOKENS:
-        if tile == 0:
-            _write_token_mask(token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS)
-
-
-@triton.jit
-def _cutmix_box_move_kernel(
-    from_ptr, to_ptr, boxes_ptr, partner_ptr, token_mask_ptr,
-    C, H, W, GH, GW, scale_h, scale_w, box_stride, MAX_BW, MAX_AREA,
-    f_b, f_c, f_h, f_w, t_b, t_c, t_h, t_w,
-    GATHER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
-    HAS_TOKENS: tl.constexpr,
-):
-    """In-place half: GATHER copies images[partner[b]][box b] -> staging[b], else staging[b] -> images[b][box b].
-
-    The staging buffer is (B, C, max box height, max box width); (ly, lx) are box-local coordinates.
-    """
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
-    y0, y1, x0, x1 = _box_of(boxes_ptr, box_stride, b)
-    q = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    ly = q // MAX_BW
-    lx = q % MAX_BW
-    valid_p = (q < MAX_AREA) & (ly < y1 - y0) & (lx < x1 - x0)
-    if GATHER:
+    @triton.jit
+    def _cutmix_paste_kernel(
+        images_ptr, out_ptr, boxes_ptr, partner_ptr, token_mask_ptr,
+        C, H, W, GH, GW, scale_h, scale_w, box_stride,
+        s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HAS_TOKENS: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1).to(tl.int64)
+        y0, y1, x0, x1 = _box_of(boxes_ptr, box_stride, b)
         src = tl.load(partner_ptr + b).to(tl.int64)
-        from_off = src * f_b + (y0 + ly) * f_h + (x0 + lx) * f_w
-        to_off = b * t_b + ly * t_h + lx * t_w
-    else:
-        from_off = b * f_b + ly * f_h + lx * f_w
-        to_off = b * t_b + (y0 + ly) * t_h + (x0 + lx) * t_w
-    for c_start in range(0, C, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C)
-        valid = valid_p[:, None] & (c < C)[None, :]
-        v = tl.load(from_ptr + from_off[:, None] + c[None, :] * f_c, mask=valid)
-        tl.store(to_ptr + to_off[:, None] + c[None, :] * t_c, v, mask=valid)
-    if HAS_TOKENS:
-        if tile == 0:
-            _write_token_mask(token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS)
+        p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        y = p // W
+        x = p % W
+        valid_p = p < H * W
+        inside = (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
+        in_off = y * s_h + x * s_w
+        out_off = y * o_h + x * o_w
+        for c_start in range(0, C, BLOCK_C):
+            c = c_start + tl.arange(0, BLOCK_C)
+            valid = valid_p[:, None] & (c < C)[None, :]
+            take_partner = valid & inside[:, None]
+            # Each element is read exactly once: from the sample itself or from its partner.
+            own = tl.load(images_ptr + b * s_b + c[None, :] * s_c + in_off[:, None], mask=valid & ~take_partner)
+            other = tl.load(images_ptr + src * s_b + c[None, :] * s_c + in_off[:, None], mask=take_partner)
+            tl.store(out_ptr + b * o_b + c[None, :] * o_c + out_off[:, None], tl.where(take_partner, other, own), mask=valid)
+        if HAS_TOKENS:
+            if tile == 0:
+                _write_token_mask(token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS)
+
+
+    @triton.jit
+    def _cutmix_box_move_kernel(
+        from_ptr, to_ptr, boxes_ptr, partner_ptr, token_mask_ptr,
+        C, H, W, GH, GW, scale_h, scale_w, box_stride, MAX_BW, MAX_AREA,
+        f_b, f_c, f_h, f_w, t_b, t_c, t_h, t_w,
+        GATHER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+        HAS_TOKENS: tl.constexpr,
+    ):
+        """In-place half: GATHER copies images[partner[b]][box b] -> staging[b], else staging[b] -> images[b][box b].
+
+        The staging buffer is (B, C, max box height, max box width); (ly, lx) are box-local coordinates.
+        """
+        b = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1).to(tl.int64)
+        y0, y1, x0, x1 = _box_of(boxes_ptr, box_stride, b)
+        q = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        ly = q // MAX_BW
+        lx = q % MAX_BW
+        valid_p = (q < MAX_AREA) & (ly < y1 - y0) & (lx < x1 - x0)
+        if GATHER:
+            src = tl.load(partner_ptr + b).to(tl.int64)
+            from_off = src * f_b + (y0 + ly) * f_h + (x0 + lx) * f_w
+            to_off = b * t_b + ly * t_h + lx * t_w
+        else:
+            from_off = b * f_b + ly * f_h + lx * f_w
+            to_off = b * t_b + (y0 + ly) * t_h + (x0 + lx) * t_w
+        for c_start in range(0, C, BLOCK_C):
+            c = c_start + tl.arange(0, BLOCK_C)
+            valid = valid_p[:, None] & (c < C)[None, :]
+            v = tl.load(from_ptr + from_off[:, None] + c[None, :] * f_c, mask=valid)
+            tl.store(to_ptr + to_off[:, None] + c[None, :] * t_c, v, mask=valid)
+        if HAS_TOKENS:
+            if tile == 0:
+                _write_token_mask(token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS)
 
 
 def _launch_settings(images: torch.Tensor, grid_hw: tuple[int, int]):
@@ -141,6 +144,8 @@ def _scales(images: torch.Tensor, gh: int, gw: int) -> tuple[float, float]:
 
 
 def _paste_triton(images, boxes, partner, gh, gw):
+    # The kernels read boxes row by row and partner as a dense vector: make them so (B or 4B elements).
+    boxes, partner = boxes.contiguous(), partner.contiguous()
     batch, channels, height, width = images.shape
     out = torch.empty_like(images)
     token_mask = _token_mask_buffer(images, gh, gw)
@@ -159,6 +164,8 @@ def _paste_triton(images, boxes, partner, gh, gw):
 
 
 def _paste_inplace_triton(images, boxes, partner, gh, gw, max_bh, max_bw):
+    # The kernels read boxes row by row and partner as a dense vector: make them so (B or 4B elements).
+    boxes, partner = boxes.contiguous(), partner.contiguous()
     batch, channels, height, width = images.shape
     token_mask = _token_mask_buffer(images, gh, gw)
     if batch == 0:
@@ -231,7 +238,7 @@ def _move_boxes_cpu(images: torch.Tensor, boxes: torch.Tensor, partner: torch.Te
     """The CPU op: the compiled kernel of the extension (one memcpy per box row segment) when it
     is built, else :func:`_move_boxes_torch`. Same result, bit for bit."""
     ext = _ext.extension()
-    if ext is None or not hasattr(ext, "cutmix_paste_cpu_"):
+    if ext is None or not hasattr(ext, "cutmix_paste_cpu_") or images.device.type != "cpu":
         _move_boxes_torch(images, boxes, partner)
         return
     ext.cutmix_paste_cpu_(images, boxes.expand(images.shape[0], 4) if boxes.dim() == 1 else boxes, partner)
@@ -266,9 +273,8 @@ def _cutmix_paste_op(
     return _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
 
 
-@_cutmix_paste_op.register_kernel("cuda")
-def _(images, boxes, partner, gh, gw):
-    return _paste_triton(images, boxes, partner, gh, gw)
+if HAS_TRITON:
+    _cutmix_paste_op.register_kernel("cuda")(_paste_triton)
 
 
 @_cutmix_paste_op.register_fake
@@ -283,9 +289,8 @@ def _cutmix_paste_inplace_op(
     return _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
 
 
-@_cutmix_paste_inplace_op.register_kernel("cuda")
-def _(images, boxes, partner, gh, gw, max_bh, max_bw):
-    return _paste_inplace_triton(images, boxes, partner, gh, gw, max_bh, max_bw)
+if HAS_TRITON:
+    _cutmix_paste_inplace_op.register_kernel("cuda")(_paste_inplace_triton)
 
 
 @_cutmix_paste_inplace_op.register_fake

@@ -92,6 +92,7 @@ class MixState:
         if attention is None or not bool(self.cutmix.any()):
             return self.area_targets()
         if self.kind == "cutmix" and isinstance(attention, torch.Tensor):
+            self._check_batch("attention", attention.shape[0] if attention.dim() else 0)
             return self.fused_targets(attention)
         return self._soft_targets(self._label_lambda(attention))
 
@@ -118,27 +119,53 @@ class MixState:
 
     def _attention_lambda(self, attention) -> torch.Tensor:
         if isinstance(attention, torch.Tensor):
+            self._check_batch("attention", attention.shape[0] if attention.dim() else 0)
             token_mask = self._mask_matching(attention.shape[-1])
             return transmix_lambda(attention, token_mask, self.lam_area, ratio=self.ratio, impl=self.impl)
         return self._probe_lambda(attention)
 
-    def _probe_lambda(self, probe) -> torch.Tensor:
+    def _check_batch(self, what: str, batch: int) -> None:
+        if batch != self.boxes.shape[0]:
+            raise ValueError(
+                f"{what} has batch size {batch} but this MixState mixed {self.boxes.shape[0]} images: "
+                "use the attention of the forward pass on exactly these mixed images"
+            )
+
+    def _probe_grid(self, probe) -> tuple[int, int]:
+        """The probe's token grid, checked against this mix before any work."""
         if not hasattr(probe, "attention") or not hasattr(probe, "token_grid"):
             raise TypeError(
                 "targets() takes None, an attention tensor (B, N) / (B, heads, N), or a tk.ClassAttentionProbe; "
                 f"got {type(probe).__name__}"
             )
-        token_mask = self.mask_for(probe.token_grid)
+        grid = probe.token_grid
+        if grid is None:
+            raise RuntimeError(
+                "the probe has seen no forward pass: run the model on the mixed images with the probe attached, "
+                "then call mix.targets(probe)"
+            )
+        if self.token_grid is not None and tuple(grid) != tuple(self.token_grid):
+            raise ValueError(
+                f"the probe's last forward had a {tuple(grid)} token grid but this batch was mixed for "
+                f"{tuple(self.token_grid)}: run the model on these mixed images before targets(probe)"
+            )
+        return tuple(grid)
+
+    def _probe_lambda(self, probe) -> torch.Tensor:
+        token_mask = self.mask_for(self._probe_grid(probe))
         query_keys = probe.class_query_keys() if hasattr(probe, "class_query_keys") else None
         if query_keys is not None and query_keys[0].is_cuda:
             from .class_attention_lambda import class_attention_lambda
 
             q_cls, keys, scale, num_prefix_tokens = query_keys
+            self._check_batch("the probe's captured attention", q_cls.shape[0])
             return class_attention_lambda(
                 q_cls, keys, token_mask, self.lam_area, scale=scale, num_prefix_tokens=num_prefix_tokens,
                 ratio=self.ratio,
             )
-        return transmix_lambda(probe.attention(), token_mask, self.lam_area, ratio=self.ratio, impl=self.impl)
+        attention = probe.attention()
+        self._check_batch("the probe's attention", attention.shape[0])
+        return transmix_lambda(attention, token_mask, self.lam_area, ratio=self.ratio, impl=self.impl)
 
     def _mask_matching(self, num_tokens: int) -> torch.Tensor:
         if self.token_grid is not None and self.token_grid[0] * self.token_grid[1] == num_tokens:

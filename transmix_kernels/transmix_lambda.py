@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from ._utils import (
+    HAS_TRITON,
     FLOAT_DTYPES,
     block_size,
     check_batch,
@@ -28,55 +27,60 @@ from ._utils import (
     check_partner,
     check_range,
     check_tensor,
+    check_unit_interval,
     dispatch_backend,
 )
 
 
-@triton.jit
-def _transmix_targets_kernel(
-    attn_ptr, mask_ptr, lam_ptr, target_ptr, partner_ptr, lam_out_ptr, targets_ptr,
-    HEADS, N, K, a_b, a_h, a_n, m_b, m_n,
-    ratio, one_minus_ratio, on_value, off_value,
-    HAS_ATTN: tl.constexpr, WRITE_TARGETS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    k_tile = tl.program_id(1).to(tl.int64)
-    lam_in = tl.load(lam_ptr + b)
-    if HAS_ATTN:
-        lam_area = lam_in.to(tl.float32)
-        mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-        outside = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for n_start in range(0, N, BLOCK_N):
-            n = n_start + tl.arange(0, BLOCK_N)
-            valid = n < N
-            m = tl.load(mask_ptr + b * m_b + n * m_n, mask=valid, other=0).to(tl.float32)
-            for h in range(0, HEADS):
-                a = tl.load(attn_ptr + b * a_b + h * a_h + n * a_n, mask=valid, other=0).to(tl.float32)
-                mass += a
-                outside += a * (1.0 - m)
-        total = tl.sum(mass, axis=0)
-        kept = tl.sum(outside, axis=0)
-        # No attention information (zero, inf or NaN mass): keep the area label.
-        usable = (total > 0) & (total < float("inf")) & (kept == kept) & (kept < float("inf"))
-        lam_attn = tl.where(usable, kept / tl.where(usable, total, 1.0), lam_area)
-        lam = ratio * lam_area + one_minus_ratio * lam_attn
-        lam_self = lam
-        lam_other = 1.0 - lam
-    else:
-        lam = lam_in.to(tl.float32)
-        lam_self = lam
-        # 1 - lam in lam's own precision, as timm: exact for a float64 per-batch lam.
-        lam_other = (1.0 - lam_in).to(tl.float32)
-    if k_tile == 0:
-        tl.store(lam_out_ptr + b, lam)
-    if WRITE_TARGETS:
-        y_self = tl.load(target_ptr + b)
-        y_other = tl.load(target_ptr + tl.load(partner_ptr + b))
-        k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        y1 = tl.where(k == y_self, on_value, off_value)
-        y2 = tl.where(k == y_other, on_value, off_value)
-        tl.store(targets_ptr + b * K + k, y1 * lam_self + y2 * lam_other, mask=k < K)
+if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _transmix_targets_kernel(
+        attn_ptr, mask_ptr, lam_ptr, target_ptr, partner_ptr, lam_out_ptr, targets_ptr,
+        HEADS, N, K, a_b, a_h, a_n, m_b, m_n,
+        ratio, one_minus_ratio, on_value, off_value,
+        HAS_ATTN: tl.constexpr, WRITE_TARGETS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        k_tile = tl.program_id(1).to(tl.int64)
+        lam_in = tl.load(lam_ptr + b)
+        if HAS_ATTN:
+            lam_area = lam_in.to(tl.float32)
+            mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+            outside = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for n_start in range(0, N, BLOCK_N):
+                n = n_start + tl.arange(0, BLOCK_N)
+                valid = n < N
+                m = tl.load(mask_ptr + b * m_b + n * m_n, mask=valid, other=0).to(tl.float32)
+                for h in range(0, HEADS):
+                    a = tl.load(attn_ptr + b * a_b + h * a_h + n * a_n, mask=valid, other=0).to(tl.float32)
+                    mass += a
+                    outside += a * (1.0 - m)
+            total = tl.sum(mass, axis=0)
+            kept = tl.sum(outside, axis=0)
+            # No attention information (zero, inf or NaN mass): keep the area label.
+            usable = (total > 0) & (total < float("inf")) & (kept == kept) & (kept < float("inf"))
+            lam_attn = tl.where(usable, kept / tl.where(usable, total, 1.0), lam_area)
+            lam = ratio * lam_area + one_minus_ratio * lam_attn
+            lam_self = lam
+            lam_other = 1.0 - lam
+        else:
+            lam = lam_in.to(tl.float32)
+            lam_self = lam
+            # 1 - lam in lam's own precision, as timm: exact for a float64 per-batch lam.
+            lam_other = (1.0 - lam_in).to(tl.float32)
+        if k_tile == 0:
+            tl.store(lam_out_ptr + b, lam)
+        if WRITE_TARGETS:
+            y_self = tl.load(target_ptr + b)
+            y_other = tl.load(target_ptr + tl.load(partner_ptr + b))
+            k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            y1 = tl.where(k == y_self, on_value, off_value)
+            y2 = tl.where(k == y_other, on_value, off_value)
+            tl.store(targets_ptr + b * K + k, y1 * lam_self + y2 * lam_other, mask=k < K)
 
 
 def _smoothing_values(num_classes: int, smoothing: float) -> tuple[float, float]:
@@ -85,6 +89,10 @@ def _smoothing_values(num_classes: int, smoothing: float) -> tuple[float, float]
 
 
 def _run_triton(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
+    # The kernel indexes lam, target and partner as dense vectors (attn and token_mask go by strides).
+    lam = lam.contiguous()
+    target = target.contiguous() if target is not None else None
+    partner = partner.contiguous() if partner is not None else None
     batch = lam.shape[0]
     lam_out = torch.empty(batch, device=lam.device, dtype=torch.float32)
     write_targets = target is not None
@@ -167,9 +175,8 @@ def _lambda_targets_op(
     return _run_torch(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
 
 
-@_lambda_targets_op.register_kernel("cuda")
-def _(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
-    return _run_triton(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
+if HAS_TRITON:
+    _lambda_targets_op.register_kernel("cuda")(_run_triton)
 
 
 @_lambda_targets_op.register_fake
@@ -212,8 +219,9 @@ def _check_attention(attn, token_mask, lam_area):
     check_tensor("token_mask", token_mask, ndim=2, dtypes=FLOAT_DTYPES + (torch.bool,), device=attn.device)
     check_tensor("lam_area", lam_area, ndim=1, dtypes=(torch.float32, torch.float64), device=attn.device)
     batch = attn.shape[0]
-    check_batch("token_mask", token_mask, batch)
-    check_batch("lam_area", lam_area, batch)
+    check_batch("token_mask", token_mask, batch, like="attn")
+    check_batch("lam_area", lam_area, batch, like="attn")
+    check_unit_interval("lam_area", lam_area)
     if token_mask.shape[1] != attn.shape[-1]:
         raise ValueError(
             f"attn and token_mask must cover the same tokens: attn has {attn.shape[-1]} (shape {tuple(attn.shape)}), "
@@ -286,6 +294,7 @@ def mix_targets(
     """
     check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
     partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
+    check_unit_interval("lam", lam)
     backend = dispatch_backend(impl, lam.device)
     _, targets = run_lambda_targets(backend, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
     return targets
