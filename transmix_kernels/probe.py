@@ -670,7 +670,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     # DDP runs the wrapped module itself, so hooks on it see every forward. (DataParallel runs
     # per-device replicas, whose captures would overwrite each other: not supported.)
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
+        return _unwrap(model.module)
+    # torch.compile wraps the model: its structure (hence its token grid) is the original's.
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module):
+        return _unwrap(original)
     return model
 
 
@@ -730,6 +734,14 @@ class ClassAttentionProbe:
     """
 
     def __init__(self, model: nn.Module, source: Source = "last") -> None:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # Hooks that keep tensors do not capture from inside a compiled graph (checked with
+            # the eager and aot_eager backends): refuse rather than return stale or no attention.
+            raise TypeError(
+                "ClassAttentionProbe needs the eager model, not a torch.compile wrapper: its hooks do not "
+                "capture inside a compiled graph. Attach it to the uncompiled model (model._orig_mod) and run "
+                "that, or compile only parts of the model that do not hold the probed attention"
+            )
         adapter_cls = _adapter_class(model)
         _check_source(source)
         self._adapter = adapter_cls(_unwrap(model), source)
