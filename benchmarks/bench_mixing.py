@@ -1,8 +1,8 @@
 """Full CutMix/TransMix mixing step vs the unfused reference, timm's Mixup and torchvision's CutMix.
 
 A step = draw lam and boxes, paste (in place where the provider does so), make soft targets.
-Cases: per-sample boxes at 256x3x32x32 (timm mode "elem") and one box per batch at
-64x3x224x224 (timm mode "batch"), on CPU, and on CUDA when present. Every provider gets a
+Cases: per-sample boxes (timm mode "elem") and one box per batch (timm mode "batch"), each at
+256x3x32x32 and 64x3x224x224, on CPU, and on CUDA when present (BENCH_DEVICES). Every provider gets a
 fresh copy of the same batch each round (the copy is outside the timing).
 """
 
@@ -22,6 +22,8 @@ from conftest import bench_devices, sync
 NUM_CLASSES = 1000
 CASES = [
     pytest.param((256, 3, 32, 32), "elem", id="elem-256x3x32x32"),
+    pytest.param((256, 3, 32, 32), "batch", id="batch-256x3x32x32"),
+    pytest.param((64, 3, 224, 224), "elem", id="elem-64x3x224x224"),
     pytest.param((64, 3, 224, 224), "batch", id="batch-64x3x224x224"),
 ]
 DEVICES = bench_devices()
@@ -73,9 +75,9 @@ def _providers(mode):
         "reference": _reference_step(mode),
         "timm": lambda images, target: timm_mixup(images, target),
     }
-    if mode == "batch":
-        # torchvision draws one box per batch and has no label smoothing.
-        providers["torchvision"] = lambda images, target: tv_cutmix(images, target)
+    # torchvision draws one box per batch (no per-sample mode) and has no label smoothing: the
+    # same call in both cases, for reference.
+    providers["torchvision"] = lambda images, target: tv_cutmix(images, target)
     return providers
 
 
