@@ -6,7 +6,11 @@
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh            # anywhere with a GPU
 #
 # The device image brings its own torch/triton; timm 1.0.31 travels as a wheel in .whl/ when
-# present (the image's timm may be older than the probe needs).
+# present (the image's timm may be older than the probe needs). Prepare it here, then run with
+# the device tool, carrying .whl (ignored by git), e.g. command `bash benchmarks/gpu_check.sh`,
+# carry [".whl"], timeout_s 540:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl timm==1.0.31
+# Expected on an H200 (seen in pieces on 2026-11-26): build ~40 s, tests ~90 s, benchmarks ~2 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device_out}
