@@ -50,11 +50,21 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def dispatch_backend(impl: str, device: torch.device) -> str:
-    """Like :func:`resolve_impl`, but "auto" becomes "op": the torch.library op, which picks the
-    Triton kernel on CUDA and the PyTorch path on CPU, and which torch.compile can trace."""
+def dispatch_backend(impl: str, device: torch.device, eager: str = "direct") -> str:
+    """Like :func:`resolve_impl`, for the ops registered with torch.library.
+
+    "auto" becomes "op" (the registered op, which picks the Triton kernel on CUDA and the CPU
+    path otherwise) while torch.compile traces, so the graph holds the op. Run eagerly, "auto"
+    skips the op's dispatch cost (tens of microseconds a call) and returns the backend the op
+    would run: ``eager="direct"`` gives "triton" / "torch", ``eager="native"`` gives "native"
+    (for ops whose CPU path prefers the compiled extension), ``eager="op"`` keeps "op".
+    """
     backend = resolve_impl(impl, device)
-    return "op" if impl == "auto" else backend
+    if impl != "auto":
+        return backend
+    if eager == "op" or torch.compiler.is_compiling():
+        return "op"
+    return "native" if eager == "native" else backend
 
 
 def check_tensor(

@@ -383,7 +383,7 @@ def cutmix_paste(
             "inplace=True needs images contiguous or channels_last (a strided or expanded tensor may alias "
             "its own elements); pass inplace=False or a dense tensor"
         )
-    backend = dispatch_backend(impl, images.device)
+    backend = dispatch_backend(impl, images.device, eager="native")
     return _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw)
 
 

@@ -248,7 +248,7 @@ def attention_rollout(
     # A statistic for label weights, not a training signal: no path records a graph.
     attentions = [attention.detach() for attention in attentions]
     residual = float(residual)
-    backend = dispatch_backend(impl, attentions[0].device)
+    backend = dispatch_backend(impl, attentions[0].device, eager="op")
     if backend == "reference":
         return reference.attention_rollout(
             attentions, residual=residual, head_fusion=head_fusion, num_prefix_tokens=num_prefix_tokens, full=full
