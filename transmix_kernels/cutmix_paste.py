@@ -393,15 +393,29 @@ def _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw):
     backend "native" is what the op runs, minus the op's dispatch cost (TransMix runs eagerly):
     Triton on CUDA, the compiled or PyTorch CPU path otherwise.
     """
+    move = _move_boxes_torch
     if backend == "native":
-        if images.is_cuda:
-            backend = "triton"
-        elif inplace:
-            token_mask = _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
-            return images, (token_mask if gh else None)
+        backend, move = ("triton", None) if images.is_cuda else ("torch", _move_boxes_cpu)
+    if backend == "reference":
+        from . import reference
+
+        mixed, token_mask = reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None, inplace=inplace)
+        return mixed, token_mask
+    if inplace:
+        if backend == "triton":
+            token_mask = _paste_inplace_triton(images, boxes, partner, gh, gw, max_bh, max_bw)
+        elif backend == "torch":
+            token_mask = _paste_inplace_torch(images, boxes, partner, gh, gw, move=move)
         else:
-            mixed, token_mask = _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
-            return mixed, (token_mask if gh else None)
+            token_mask = _cutmix_paste_inplace_op(images, boxes, partner, gh, gw, max_bh, max_bw)
+        return images, (token_mask if gh else None)
+    if backend == "triton":
+        mixed, token_mask = _paste_triton(images, boxes, partner, gh, gw)
+    elif backend == "torch":
+        mixed, token_mask = _paste_torch(images, boxes, partner, gh, gw, move=move)
+    else:
+        mixed, token_mask = _cutmix_paste_op(images, boxes, partner, gh, gw)
+    return mixed, (token_mask if gh else None)
     if backend == "reference":
         from . import reference
 

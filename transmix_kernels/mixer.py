@@ -25,6 +25,12 @@ from .transmix_lambda import run_lambda_targets, transmix_lambda, transmix_targe
 MODES = ("batch", "pair", "elem")
 
 
+def eager_backend(impl: str) -> str:
+    """The backend TransMix passes to the ops: for auto, "native" (the ops' own kernels without the
+    torch.library dispatch, since TransMix runs eagerly)."""
+    return "native" if impl == "auto" else impl
+
+
 @dataclass
 class MixState:
     """What one call of :class:`TransMix` did to a batch, and how to label it.
@@ -59,7 +65,7 @@ class MixState:
 
     @property
     def backend(self) -> str:
-        return "native" if self.impl == "auto" else self.impl
+        return eager_backend(self.impl)
 
     def mask_for(self, token_grid: tuple[int, int]) -> torch.Tensor:
         """(B, gh*gw) token mask of the pasted boxes on any grid (made lazily when not fused)."""
@@ -393,8 +399,7 @@ class TransMix:
 
     @property
     def backend(self) -> str:
-        # "native": the ops' own kernels without the torch.library dispatch (TransMix runs eagerly).
-        return "native" if self.impl == "auto" else self.impl
+        return eager_backend(self.impl)
 
     def _blend(self, images, partner, lam, rows_mask):
         """Mixup rows, computed from the unmixed batch before any paste; written back after it."""

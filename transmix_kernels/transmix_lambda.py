@@ -266,7 +266,7 @@ def transmix_lambda(
     """
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
-    backend = dispatch_backend(impl, lam_area.device, eager="native")
+    backend = dispatch_backend(impl, lam_area.device)
     lam, _ = run_lambda_targets(backend, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
     return lam
 
@@ -295,7 +295,7 @@ def mix_targets(
     check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
     partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
     check_unit_interval("lam", lam)
-    backend = dispatch_backend(impl, lam.device, eager="native")
+    backend = dispatch_backend(impl, lam.device)
     _, targets = run_lambda_targets(backend, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
     return targets
 
@@ -320,7 +320,7 @@ def transmix_targets(
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     partner = _check_targets(target, num_classes, partner, smoothing, attn.device, attn.shape[0])
-    backend = dispatch_backend(impl, attn.device, eager="native")
+    backend = dispatch_backend(impl, attn.device)
     lam, targets = run_lambda_targets(
         backend, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing)
     )
