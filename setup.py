@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -86,5 +86,23 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """The kernel library at the top, the trainer from ``python/`` (its YAML configs live in
+    ``python/configs`` and install as ``transmix_train.configs``, so ``transmix-train`` finds its
+    default config in any install, editable or not)."""
+    packages = find_packages(include=["transmix_kernels", "transmix_kernels.*"])
+    trainer = find_packages("python", include=["transmix_train", "transmix_train.*"])
+    package_dir = {name: "python/" + name.replace(".", "/") for name in trainer}
+    package_dir["transmix_train.configs"] = "python/configs"
+    return packages + trainer + ["transmix_train.configs"], package_dir
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+packages, package_dir = _packages()
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"transmix_train.configs": ["*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
