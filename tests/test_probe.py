@@ -18,7 +18,7 @@ from torch import nn
 
 import transmix_kernels as tk
 from transmix_kernels import probe as probe_mod
-from transmix_kernels.class_attention_lambda import class_attention_row
+from transmix_kernels.class_attention_lambda import class_attention_row, received_attention
 from tiny_models import BUILDERS, IMAGE, _images, cait, pvt, swin, vit, xcit
 
 # The sharpened tiny models give probabilities from ~2e-4 to ~0.3 and logits up to ~10, so fp32
@@ -171,13 +171,15 @@ def test_rollout_matches_naive(seed, family):
     assert_close(f"{family} rollout", attn, expected, atol=ATOL, rtol=RTOL)
 
 
-def test_received_attention_chunking_is_exact(seed, monkeypatch):
+def test_received_attention_chunking_is_exact(seed):
     model = pvt()
-    images = _images(128)
-    whole, _ = _probe_attention(model, images)
-    # 3 samples * 2 heads * 16 keys = 96 elements per query row: 100 forces one query per chunk.
-    monkeypatch.setattr(probe_mod, "_CHUNK_ELEMENTS", 100)
-    chunked, _ = _probe_attention(model, images)
+    with tk.ClassAttentionProbe(model) as probe:
+        with torch.no_grad():
+            model(_images(128))
+        q, k = probe._adapter.need("q"), probe._adapter.need("k")
+        whole = probe.attention()
+    # 3 samples * 2 heads * 16 keys = 96 elements per query row: 100 makes one query per chunk.
+    chunked = received_attention(q, k, scale=probe._adapter.scale, max_chunk_elements=100)
     assert_close("chunked received attention", chunked, whole, atol=1e-7, rtol=1e-6)
 
 

@@ -17,10 +17,14 @@ max grows; all arithmetic in fp32 whatever the input dtype. A row whose patch ma
 finite falls back to ``lam_attn = lam_area``, as in :func:`transmix_kernels.transmix_lambda`.
 
 ``class_attention_row`` shares the statistics pass and writes the head-averaged class-to-patch
-probabilities, renormalised over patches (the attention probe's map).
+probabilities, renormalised over patches (the attention probe's map). ``received_attention`` is
+its counterpart for models without a class token: the attention each patch token receives (mean
+over query tokens and heads), computed a chunk of queries at a time.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -392,4 +396,56 @@ def class_attention_row(
     return run[backend](q_cls, k, scale, num_prefix_tokens)
 
 
-__all__ = ["class_attention_lambda", "class_attention_row"]
+def received_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    num_prefix_tokens: int = 0,
+    logit_addends: Optional[Callable[[int, int], Sequence[torch.Tensor]]] = None,
+    max_chunk_elements: int = 1 << 23,
+) -> torch.Tensor:
+    """Attention each patch token receives: mean over patch queries and heads, renormalised.
+
+    The map for models without a class token (PVTv2, Swin, ViT with ``class_token=False``).
+
+    Args:
+        q, k: (B, heads, N, D) float32/bfloat16/float16, the same dtype (computed in float32).
+        scale: the attention's logit scale.
+        num_prefix_tokens: tokens before the patches, dropped as queries and as keys.
+        logit_addends: ``logit_addends(start, stop)`` returns tensors broadcastable to
+            (B, heads, stop - start, N) that the model adds to the logits of query rows
+            [start, stop), in the model's order (Swin: relative position bias, then shift mask).
+        max_chunk_elements: queries run in chunks whose (B, heads, chunk, N) float32 logits stay
+            under this many elements (default 2**23, 32 MiB), so no N x N tensor exists whole.
+
+    Returns:
+        (B, N - num_prefix_tokens) float32, rows sum to 1.
+
+    Example:
+        >>> a = received_attention(q, k, scale=attn.scale)   # (B, 49) for PVTv2's last stage at 224 px
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    _check_query_keys(q[:, :, 0], k, scale, num_prefix_tokens)
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"q must have as many tokens as k {tuple(k.shape)} (self-attention), got {tuple(q.shape)}")
+    if logit_addends is not None and not callable(logit_addends):
+        raise TypeError(f"logit_addends must be callable (start, stop) -> tensors or None, got {logit_addends!r}")
+    if isinstance(max_chunk_elements, bool) or not isinstance(max_chunk_elements, int) or max_chunk_elements < 1:
+        raise ValueError(f"max_chunk_elements must be a positive int, got {max_chunk_elements!r}")
+    batch, heads, tokens, _ = q.shape
+    q32, k_t = q.detach().float(), k.detach().float().transpose(-2, -1)
+    chunk = max(1, max_chunk_elements // (batch * heads * tokens))
+    received = torch.zeros(batch, tokens, dtype=torch.float32, device=q.device)
+    for start in range(num_prefix_tokens, tokens, chunk):
+        stop = min(tokens, start + chunk)
+        # q * scale first, as timm's naive path does, so the logits round the same way.
+        logits = (q32[:, :, start:stop] * float(scale)) @ k_t
+        for addend in logit_addends(start, stop) if logit_addends is not None else ():
+            logits = logits + addend.float()
+        received += logits.softmax(dim=-1).sum(dim=(1, 2))
+    received = received[:, num_prefix_tokens:]
+    return received / received.sum(dim=-1, keepdim=True)
+
+
+__all__ = ["class_attention_lambda", "class_attention_row", "received_attention"]

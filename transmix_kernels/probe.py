@@ -50,51 +50,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .class_attention_lambda import received_attention
+
 Source = Union[str, int]
 SOURCES = ("last", "rollout")
-
-# Largest float32 logit chunk (elements) of the received-attention path: 2**23 = 32 MiB.
-_CHUNK_ELEMENTS = 1 << 23
 
 
 # --------------------------------------------------------------------------------------------
 # math on captured tensors
 # --------------------------------------------------------------------------------------------
-
-
-def received_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    scale: float,
-    num_prefix_tokens: int = 0,
-    logit_addends: Optional[Callable[[int, int], Sequence[torch.Tensor]]] = None,
-) -> torch.Tensor:
-    """Attention each patch token receives: mean over patch queries and heads, renormalised.
-
-    q, k: (B, heads, N, D), any float dtype (computed in float32). ``logit_addends(start, stop)``
-    returns tensors broadcastable to (B, heads, stop - start, N) that the model adds to the
-    logits of query rows [start, stop), in the model's order (Swin: relative position bias,
-    then the shift mask). Prefix tokens are dropped as queries and as keys.
-    Returns (B, N - num_prefix_tokens) float32, rows sum to 1.
-
-    Queries run in chunks so the (B, heads, chunk, N) logits stay under ``_CHUNK_ELEMENTS``.
-    """
-    batch, heads, tokens, _ = q.shape
-    q32, k32 = q.float(), k.float()
-    k_t = k32.transpose(-2, -1)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * k.shape[-2]))
-    received = torch.zeros(batch, k.shape[-2], dtype=torch.float32, device=q.device)
-    for start in range(num_prefix_tokens, tokens, chunk):
-        stop = min(tokens, start + chunk)
-        # q * scale first, as timm's naive path does, so the logits round the same way.
-        logits = (q32[:, :, start:stop] * scale) @ k_t
-        if logit_addends is not None:
-            for addend in logit_addends(start, stop):
-                logits = logits + addend.float()
-        received += logits.softmax(dim=-1).sum(dim=(1, 2))
-    received = received[:, num_prefix_tokens:]
-    return received / received.sum(dim=-1, keepdim=True)
 
 
 def _normalise(rows: torch.Tensor) -> torch.Tensor:
