@@ -416,23 +416,3 @@ def _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw):
     else:
         mixed, token_mask = _cutmix_paste_op(images, boxes, partner, gh, gw)
     return mixed, (token_mask if gh else None)
-    if backend == "reference":
-        from . import reference
-
-        mixed, token_mask = reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None, inplace=inplace)
-        return mixed, token_mask
-    if inplace:
-        if backend == "triton":
-            token_mask = _paste_inplace_triton(images, boxes, partner, gh, gw, max_bh, max_bw)
-        elif backend == "torch":
-            token_mask = _paste_inplace_torch(images, boxes, partner, gh, gw)
-        else:
-            token_mask = _cutmix_paste_inplace_op(images, boxes, partner, gh, gw, max_bh, max_bw)
-        return images, (token_mask if gh else None)
-    if backend == "triton":
-        mixed, token_mask = _paste_triton(images, boxes, partner, gh, gw)
-    elif backend == "torch":
-        mixed, token_mask = _paste_torch(images, boxes, partner, gh, gw)
-    else:
-        mixed, token_mask = _cutmix_paste_op(images, boxes, partner, gh, gw)
-    return mixed, (token_mask if gh else None)
