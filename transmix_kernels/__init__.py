@@ -11,13 +11,13 @@ Every op takes ``impl="auto" | "triton" | "torch" | "reference"``.
 
 from . import reference
 
-# --- issue 2: mixing ops (sample_boxes, cutmix_paste, transmix_lambda, mix_targets, TransMix) ---
+# Mixing: boxes, paste, label weights, and the timm-Mixup drop-in.
 from .boxes import sample_boxes
 from .cutmix_paste import cutmix_paste
 from .transmix_lambda import mix_targets, transmix_lambda, transmix_targets
 from .mixer import MixState, TransMix
 
-# --- issue 3: attention capture, fused class-attention lambda, rollout ---
+# Attention: the probe on timm models, the fused class-attention lambda, rollout.
 from .class_attention_lambda import class_attention_lambda, class_attention_row
 from .qk_rollout import rollout_from_qk
 from .rollout import attention_rollout

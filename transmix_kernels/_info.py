@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+__all__ = ["info", "main"]
+
 
 def _version(module_name: str) -> str:
     try:
@@ -42,6 +44,7 @@ def info() -> dict[str, object]:
 
 
 def main() -> int:
+    """Print the report, one ``key value`` line each; the exit status of the command."""
     for key, value in info().items():
         print(f"{key:<42} {value}")
     return 0
