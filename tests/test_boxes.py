@@ -19,7 +19,7 @@ import transmix_kernels as tk
 from conftest import assert_equal
 from transmix_kernels import reference
 from transmix_kernels._utils import TRITON_INTERPRET
-from transmix_kernels.boxes import draw_box_randoms
+from transmix_kernels._utils import draw_box_randoms
 
 SIZES = {"13x17": (13, 17), "9x31": (9, 31), "224x224": (224, 224), "2x5": (2, 5)}
 LAM_DTYPES = {"lam-f64": torch.float64, "lam-f32": torch.float32}

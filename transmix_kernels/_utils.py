@@ -155,6 +155,17 @@ def flipped_partner(batch: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch - 1, -1, -1, device=device, dtype=torch.int64)
 
 
+def draw_box_randoms(
+    batch: int, device: torch.device, minmax: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Uniform [0, 1) float64 draws that place the boxes: (2, B) centres, or (4, B) sizes + corners.
+
+    The fast path and the reference twin consume the same draws, so one generator state gives
+    the same boxes in both.
+    """
+    return torch.rand((4 if minmax else 2, batch), generator=generator, device=device, dtype=torch.float64)
+
+
 def nearest_scale(size: int, grid: int) -> float:
     """F.interpolate(mode="nearest")'s float32 scale; the token mask must match it bit for bit."""
     return float(torch.tensor(size, dtype=torch.float32) / torch.tensor(grid, dtype=torch.float32))

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import check_range, check_tensor, resolve_impl
-
-
-def draw_box_randoms(
-    batch: int, device: torch.device, minmax: bool, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Uniform [0, 1) float64 draws that place the boxes: (2, B) centres, or (4, B) sizes + corners.
-
-    The fast path and the reference twin consume the same draws, so one generator state gives
-    the same boxes in both.
-    """
-    return torch.rand((4 if minmax else 2, batch), generator=generator, device=device, dtype=torch.float64)
+from . import reference
+from ._utils import check_range, check_tensor, draw_box_randoms, resolve_impl
 
 
 def box_corners(lam, height: int, width: int, minmax, draws, *, sqrt, to_int, clip):
@@ -109,8 +99,6 @@ def sample_boxes(
         raise ValueError(f"generator must be on lam's device {lam.device}, got {generator.device}")
     backend = resolve_impl(impl, lam.device)
     if backend == "reference":
-        from . import reference
-
         return reference.sample_boxes(
             lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator
         )

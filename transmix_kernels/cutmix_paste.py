@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _ext, reference
 from ._utils import (
     HAS_TRITON,
     FLOAT_DTYPES,
@@ -397,8 +397,6 @@ def _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw):
     if backend == "native":
         backend, move = ("triton", None) if images.is_cuda else ("torch", _move_boxes_cpu)
     if backend == "reference":
-        from . import reference
-
         mixed, token_mask = reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None, inplace=inplace)
         return mixed, token_mask
     if inplace:

@@ -11,7 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import flipped_partner
+from ._utils import draw_box_randoms, flipped_partner
+
+__all__ = [
+    "attention_rollout",
+    "box_pixel_mask",
+    "class_attention_lambda",
+    "class_attention_row",
+    "cutmix_paste",
+    "mix_targets",
+    "rollout_from_qk",
+    "sample_boxes",
+    "transmix_lambda",
+]
 
 
 def sample_boxes(
@@ -24,8 +36,6 @@ def sample_boxes(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's rand_bbox / rand_bbox_minmax, one sample at a time, from the same random draws."""
-    from .boxes import draw_box_randoms
-
     batch = lam.shape[0]
     draws = draw_box_randoms(batch, lam.device, minmax is not None, generator)
     rows, lam_area = [], []
@@ -133,12 +143,6 @@ def mix_targets(
     return y1 * lam_self + y2 * lam_other
 
 
-__all__ = ["sample_boxes", "cutmix_paste", "transmix_lambda", "mix_targets", "box_pixel_mask"]
-
-
-# --- issue 3: class attention recomputed from q and k ---
-
-
 def _class_attention_probs(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """(B, heads, N_total) softmax(q_cls k^T * scale), at least float32 (float64 stays float64)."""
     dtype = torch.promote_types(k.dtype, torch.float32)
@@ -199,9 +203,6 @@ def rollout_from_qk(
     return (row / row.sum(-1, keepdim=True)).float()
 
 
-__all__ += ["class_attention_lambda", "class_attention_row", "rollout_from_qk"]
-
-
 def attention_rollout(
     attentions,
     *,
@@ -230,6 +231,3 @@ def attention_rollout(
         return rollout.float()
     row = rollout[:, 0, num_prefix_tokens:]
     return (row / row.sum(-1, keepdim=True)).float()
-
-
-__all__ += ["attention_rollout"]

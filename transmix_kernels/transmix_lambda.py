@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from . import reference
 from ._utils import (
     HAS_TRITON,
     FLOAT_DTYPES,
@@ -202,8 +203,6 @@ def run_lambda_targets(backend, attn, token_mask, lam, target, partner, num_clas
         return _run_torch(*args)
     if backend == "op":
         return _lambda_targets_op(*args)
-    from . import reference
-
     lam_out = lam.float() if attn is None else reference.transmix_lambda(attn, token_mask, lam, ratio=ratio)
     if target is None:
         return lam_out, lam_out.new_empty((lam.shape[0], 0))
