@@ -1,0 +1,94 @@
+"""Checkpoints in timm's layout, written atomically, with every state an exact resume needs.
+
+Layout (a plain dict that ``timm.models.load_checkpoint`` reads, ``weights_only`` safe)::
+
+    state_dict      model weights (the uncompiled, unwrapped module)
+    optimizer       optimizer.state_dict()
+    epoch           the last finished epoch, 0-based (with ``version`` 2, as timm's saver:
+                    a resume starts at epoch + 1)
+    arch            the timm model name
+    args            the resolved config as a plain dict (``model_kwargs`` rebuild the model)
+    version         2
+    metric          val top-1 of that epoch
+    state_dict_ema  EMA weights when --model-ema (timm's load_checkpoint prefers them)
+    scheduler, scaler, best_metric, best_epoch, world_size
+    rng             one entry per rank: Python, NumPy, torch (CPU and CUDA) and TransMix states
+
+A write goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
+the old file (``os.replace`` is atomic on POSIX): a kill at any moment leaves the previous
+checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["CHECKPOINT_VERSION", "capture_rng", "read_checkpoint", "restore_rng", "save_checkpoint"]
+
+CHECKPOINT_VERSION = 2
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict[str, Any]:
+    """Load a checkpoint on the CPU (``weights_only``); a ``ValueError`` naming ``flag`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{flag} {path}: not a training checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def capture_rng(mixer: Optional[object] = None) -> dict[str, Any]:
+    """This process's random states, as plain values and tensors (``weights_only`` loadable)."""
+    legacy = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [legacy[0], torch.from_numpy(legacy[1].astype(np.int64)), *legacy[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    rng = getattr(mixer, "rng", None)
+    if rng is not None:
+        state["mixer"] = rng.bit_generator.state
+    return state
+
+
+def restore_rng(state: dict[str, Any], mixer: Optional[object] = None) -> None:
+    """Put back what :func:`capture_rng` took (the mixer's generator included)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    rng = getattr(mixer, "rng", None)
+    if rng is not None and "mixer" in state:
+        rng.bit_generator.state = state["mixer"]
