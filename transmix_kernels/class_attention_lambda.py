@@ -426,9 +426,10 @@ def received_attention(
         >>> a = received_attention(q, k, scale=attn.scale)   # (B, 49) for PVTv2's last stage at 224 px
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
+    if q.shape != k.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} (B, heads, N, D), got {tuple(k.shape)}")
     _check_query_keys(q[:, :, 0], k, scale, num_prefix_tokens)
-    if q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"q must have as many tokens as k {tuple(k.shape)} (self-attention), got {tuple(q.shape)}")
     if logit_addends is not None and not callable(logit_addends):
         raise TypeError(f"logit_addends must be callable (start, stop) -> tensors or None, got {logit_addends!r}")
     if isinstance(max_chunk_elements, bool) or not isinstance(max_chunk_elements, int) or max_chunk_elements < 1:
