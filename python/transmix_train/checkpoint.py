@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_VERSION", "capture_rng", "read_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_VERSION", "capture_rng", "copy_checkpoint", "read_checkpoint", "restore_rng", "save_checkpoint",
+]
 
 CHECKPOINT_VERSION = 2
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
-    path = Path(path)
+def _atomic_write(path: Path, write) -> Path:
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as handle:
-        torch.save(state, handle)
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -49,6 +50,17 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    return _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+
+
+def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy a written checkpoint (``last.pth`` -> ``best.pth``) with the same atomic rename."""
+    with open(source, "rb") as src:
+        return _atomic_write(Path(path), lambda handle: shutil.copyfileobj(src, handle, 1 << 24))
 
 
 def read_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict[str, Any]:

@@ -13,7 +13,7 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
   ``--dist-backend``
 - data: ``--data`` (digits | shapes | synthetic | PATH with train/ and val/), ``--img-size``,
   ``--num-classes`` (synthetic), ``--train-size`` / ``--val-size`` (shapes, synthetic),
-  ``--val-fraction`` (digits), ``--workers``, ``--batch-size`` (per process),
+  ``--val-fraction`` (digits), ``--workers``, ``--batch-size`` (per process), ``--total-batch-size``,
   ``--validation-batch-size``
 - augmentation (timm ``create_transform``): ``--base-aug`` (random resized crop + flips; off: a
   plain resize), ``--crop-scale``, ``--crop-ratio``, ``--hflip``, ``--vflip``, ``--color-jitter``,
@@ -24,7 +24,7 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
   (batch | pair | elem), ``--smoothing``, ``--attn-source`` (last | rollout | block index),
   ``--transmix-ratio`` (weight of the area lam)
 - model: ``--model``, ``--model-kwargs key=value ...``, ``--drop-path``, ``--drop``,
-  ``--model-ema``, ``--model-ema-decay``, ``--model-ema-warmup``, ``--compile``,
+  ``--model-ema``, ``--model-ema-decay``, ``--model-ema-warmup``, ``--compile``, ``--compile-backend``,
   ``--channels-last``, ``--amp``, ``--amp-dtype``
 - optimisation: ``--opt``, ``--lr`` (absolute), ``--lr-base`` / ``--lr-base-size`` (DeiT's
   scaling: lr = lr_base * global batch / lr_base_size when ``--lr`` is not given),
@@ -48,6 +48,8 @@ from typing import Any, Sequence
 import yaml
 from timm.utils import ParseKwargs
 
+from .mixers import MIXERS
+
 __all__ = [
     "DEFAULT_CONFIG",
     "MIX_CHOICES",
@@ -62,10 +64,12 @@ __all__ = [
 
 #: The packaged config used when no ``--config`` is given.
 DEFAULT_CONFIG = "demo.yaml"
-#: The mixers ``--mix`` can name (see ``transmix_train.mixers``).
-MIX_CHOICES = ("none", "mixup", "cutmix", "transmix")
+#: The mixers ``--mix`` can name (the registry of ``transmix_train.mixers``).
+MIX_CHOICES = tuple(MIXERS)
 # Flags that only exist on the command line (never read from a YAML file).
 _CLI_ONLY = ("config",)
+# Keys of one invocation, not of the run: a checkpoint's saved config does not carry them over.
+_PER_INVOCATION = ("config", "resume", "eval_only", "stop_after_epochs", "output")
 
 
 def attn_source(value: str | int) -> str | int:
@@ -136,6 +140,8 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=_optional_int, default=None,
                        help="DataLoader workers per process (default: 0 for in-memory sets, 4 for folders)")
     group.add_argument("--batch-size", "-b", type=int, default=128, help="images per process per micro-batch")
+    group.add_argument("--total-batch-size", type=_optional_int, default=None,
+                       help="global batch split over the processes (instead of --batch-size; must divide evenly)")
     group.add_argument("--validation-batch-size", type=_optional_int, default=None,
                        help="val batch per process (default: --batch-size)")
 
@@ -198,6 +204,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                        help="EMA decay warm-up (timm ModelEmaV3 use_warmup)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (TransMix and the probe stay on)")
+    group.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last images and model (default: on for CUDA)")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -309,27 +316,50 @@ def _coerce(action: argparse.Action, value: Any) -> Any:
     return converted
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``): YAML config first, then flags win.
+def _checkpoint_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The config saved in a checkpoint (``args``), without the keys that describe one invocation."""
+    from .checkpoint import read_checkpoint
 
-    The returned namespace also has ``config`` (the file actually read).
+    try:
+        saved = dict(read_checkpoint(path, "--resume").get("args") or {})
+    except ValueError as error:
+        parser.error(str(error))
+    for key in _PER_INVOCATION:
+        saved.pop(key, None)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        parser.error(f"--resume {path}: the checkpoint's config has keys this trainer does not know: {unknown}")
+    return saved
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``): a config first, then flags win.
+
+    The config is ``--config FILE``; without it, the config saved in the ``--resume`` checkpoint
+    (so ``transmix-train --resume out/last.pth`` continues the same run), else the packaged
+    ``demo.yaml``. The returned namespace's ``config`` names what was read.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("-c", "--config", default=None)
+    early.add_argument("--resume", default=None)
     known, _ = early.parse_known_args(argv)
-    config_path = known.config or default_config_path()
-    values = load_yaml_config(config_path, parser)
+    if known.config is None and known.resume is not None:
+        config_source, values = f"{known.resume} (its saved config)", _checkpoint_config(known.resume, parser)
+    else:
+        config_source = str(known.config or default_config_path())
+        values = load_yaml_config(config_source, parser)
     for action in parser._actions:
         if action.dest in values:
             try:
                 values[action.dest] = _coerce(action, values[action.dest])
             except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
-                parser.error(f"--config {config_path}: key '{action.dest}': {error}")
+                parser.error(f"config {config_source}: key '{action.dest}': {error}")
     parser.set_defaults(**values)
     args = parser.parse_args(argv)  # an unknown flag is an error naming it (argparse)
-    args.config = str(config_path)
+    args.config = config_source
     return args
 
 

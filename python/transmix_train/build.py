@@ -1,0 +1,234 @@
+"""Everything a run needs, built from the config by timm's factories, before anything is written.
+
+A bad configuration raises ``ValueError`` naming the flag here, so the trainer can stop before
+it creates the output folder: nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, random_seed
+from torch import nn
+
+import transmix_kernels as tk
+
+from .checkpoint import read_checkpoint
+from .data import create_datasets, data_settings
+from .distributed import ProcessInfo
+from .engine import DistillationLoss, StepConfig
+from .loader import create_loaders
+from .mixers import create_mixer, Mixing
+from .model import build_model, check_probe_support, load_teacher
+
+__all__ = ["Run", "build_run", "check_config", "resolve_output", "rank_seed"]
+
+
+@dataclass
+class Run:
+    """The pieces of one invocation (see :func:`build_run`)."""
+
+    args: argparse.Namespace
+    info: ProcessInfo
+    module: nn.Module  # the eager, unwrapped model (checkpoints, EMA, probe)
+    model: nn.Module  # what the step calls: DDP and/or compiled parts around ``module``
+    mixing: Mixing
+    probe: Optional[tk.ClassAttentionProbe]
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Optional[ModelEmaV3]
+    train_loader: Any
+    val_loader: Any
+    sampler: Any
+    step: StepConfig
+    num_epochs: int
+    updates_per_epoch: int
+    num_classes: int
+    lr: float
+    output: Optional[Path]
+    checkpoint: Optional[dict]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed for the mixer: each rank draws different boxes, reproducibly."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def check_config(args: argparse.Namespace, info: ProcessInfo) -> None:
+    """Numbers that cannot work, named by their flag (before data or models are touched)."""
+    if getattr(args, "total_batch_size", None):
+        if args.total_batch_size % info.world_size:
+            raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by the "
+                             f"{info.world_size} processes")
+        args.batch_size = args.total_batch_size // info.world_size
+    positive = ("batch_size", "epochs", "grad_accum_steps", "log_interval")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("stop_after_epochs", "limit_train_batches", "limit_val_batches", "validation_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.mix != "none" and args.batch_size % 2:
+        raise ValueError(f"--batch-size {args.batch_size} per process is odd: timm's mixing modes pair image i "
+                         f"with image B-1-i and need an even batch (--mix {args.mix})")
+    if args.eval_only and not args.resume:
+        raise ValueError("--eval-only needs --resume CKPT (the checkpoint to evaluate)")
+    if args.distillation_type != "none" and not args.teacher:
+        raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher CKPT")
+
+
+def resolve_output(args: argparse.Namespace) -> Optional[Path]:
+    """The output folder (None for --eval-only), checked writable without creating it."""
+    if args.eval_only:
+        return None
+    if args.output:
+        output = Path(args.output)
+    elif args.resume:
+        output = Path(args.resume).resolve().parent  # continue where the checkpoint lives
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = Path("output") / f"{stamp}-{args.model}"
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and (output / "last.pth").exists() and not args.resume:
+        raise ValueError(f"--output {output} already holds a run (last.pth): continue it with --resume "
+                         f"{output / 'last.pth'}, or choose another --output")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output {output}: {existing} is a file, not a folder")
+    try:  # a real probe: permissions alone do not tell (root, read-only mounts, /proc)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {output}: cannot write in {existing} ({error.strerror})") from None
+    return output
+
+
+def _autocast(args: argparse.Namespace, device: torch.device):
+    enabled = args.amp if args.amp is not None else device.type == "cuda"
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if enabled and dtype == torch.float16 else None
+    return (partial(torch.autocast, device.type, dtype=dtype) if enabled else nullcontext), scaler
+
+
+def _compile_unhooked(module: nn.Module, backend: str) -> int:
+    """Compile, in place, every block of a block list whose subtree carries no probe hook."""
+    compiled = 0
+    for child in module.children():
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in child.modules())
+        if hooked:
+            compiled += _compile_unhooked(child, backend)
+        elif isinstance(module, (nn.ModuleList, nn.Sequential)):
+            child.compile(backend=backend)
+            compiled += 1
+    return compiled
+
+
+def attach_probe(module: nn.Module, args: argparse.Namespace, uses_attention: bool, log) -> tuple[nn.Module, Any]:
+    """(the model to call, the probe or None); ``--compile`` compiles what the probe allows.
+
+    A probe that accepts a ``torch.compile`` wrapper gets the whole model compiled; one that refuses
+    it keeps the probed blocks eager and every other block compiled in place.
+    """
+    if not uses_attention:
+        return (torch.compile(module, backend=args.compile_backend) if args.compile else module), None
+    if not args.compile:
+        return module, tk.ClassAttentionProbe(module, source=args.attn_source)
+    compiled = torch.compile(module, backend=args.compile_backend)
+    try:
+        return compiled, tk.ClassAttentionProbe(compiled, source=args.attn_source)
+    except TypeError:
+        probe = tk.ClassAttentionProbe(module, source=args.attn_source)
+        count = _compile_unhooked(module, args.compile_backend)
+        log(f"--compile: the probe needs its blocks eager; compiled {count} other blocks in place")
+        return module, probe
+
+
+def _optimizer(args: argparse.Namespace, module: nn.Module, info: ProcessInfo):
+    global_batch = args.batch_size * info.world_size * args.grad_accum_steps
+    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
+    fused = args.fused_opt if args.fused_opt is not None else info.device.type == "cuda"
+    cfg = argparse.Namespace(**{**vars(args), "lr": lr, "opt_args": {"fused": True} if fused else None})
+    try:
+        return create_optimizer_v2(module, **optimizer_kwargs(cfg=cfg)), lr
+    except (ValueError, AssertionError, TypeError) as error:
+        raise ValueError(f"--opt {args.opt!r}: {error}") from None
+
+
+def _scheduler(args: argparse.Namespace, optimizer, updates_per_epoch: int):
+    try:
+        return create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"--sched {args.sched!r}: {error}") from None
+
+
+def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
+    """Data, model, mixer, probe, optimizer, schedule, EMA and loaders; the resume checkpoint read."""
+    check_config(args, info)
+    output = resolve_output(args)
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None and checkpoint.get("arch") not in (None, args.model):
+        raise ValueError(f"--resume {args.resume}: the checkpoint is a {checkpoint['arch']}, not --model {args.model}")
+    train_set, val_set, num_classes = create_datasets(args)
+    random_seed(args.seed, 0)  # the same initial weights on every rank
+    module = build_model(args, num_classes)
+    settings = data_settings(args, train_set, module)
+    mixing = create_mixer(args, num_classes, module, rank_seed(args.seed, info.rank))
+    if mixing.uses_attention:
+        check_probe_support(module, args.model, settings.input_size[-1], args.attn_source)
+    teacher = load_teacher(args.teacher, num_classes, info.device) if args.teacher else None
+    if teacher is not None and args.distillation_type != "none":
+        if not hasattr(module, "set_distilled_training"):
+            raise ValueError(f"--teacher with --model {args.model}: distillation needs a distilled model "
+                             "(a deit_*_distilled_* name, with a distillation token)")
+        module.set_distilled_training(True)
+    random_seed(args.seed, info.rank)  # augmentation, drop path: different per rank
+    autocast, scaler = _autocast(args, info.device)
+    channels_last = args.channels_last if args.channels_last is not None else info.device.type == "cuda"
+    module.to(info.device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    optimizer, lr = _optimizer(args, module, info)
+    train_loader, val_loader, sampler = create_loaders(args, train_set, val_set, settings, rank=info.rank,
+                                                       world_size=info.world_size, device=info.device)
+    steps = min(len(train_loader), args.limit_train_batches or len(train_loader))
+    if steps < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: larger than this process's share of the "
+                         f"{len(train_set)} training images (no full batch per epoch)")
+    updates_per_epoch = math.ceil(steps / args.grad_accum_steps)
+    scheduler, num_epochs = _scheduler(args, optimizer, updates_per_epoch)
+    ema = ModelEmaV3(module, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    model, probe = attach_probe(module, args, mixing.uses_attention, log)
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    step = StepConfig(
+        device=info.device, autocast=autocast, channels_last=channels_last, grad_accum_steps=args.grad_accum_steps,
+        clip_grad=args.clip_grad, clip_mode=args.clip_mode, scaler=scaler,
+        ema_update=(lambda n: ema.update(module, step=n)) if ema is not None else None,
+        limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
+        log_interval=args.log_interval, log=log, distributed=info.distributed, world_size=info.world_size,
+    )
+    criterion = DistillationLoss(teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
+    return Run(
+        args=args, info=info, module=module, model=model, mixing=mixing, probe=probe, criterion=criterion,
+        optimizer=optimizer, scheduler=scheduler, ema=ema, train_loader=train_loader, val_loader=val_loader,
+        sampler=sampler, step=step, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch,
+        num_classes=num_classes, lr=lr, output=output, checkpoint=checkpoint,
+    )

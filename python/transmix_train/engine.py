@@ -1,0 +1,204 @@
+"""The training step and the evaluation loop (DeiT's ``engine.py``, in this trainer's terms).
+
+One training step, in order: the loader's batch (already on the device and normalised) ->
+``mixer(images, labels)`` mixes it in place -> the model runs with the attention probe attached
+-> ``mix.targets(probe)`` (TransMix: CutMix labels re-weighted by that forward's attention) ->
+soft-target loss -> backward -> (every ``grad_accum_steps``) clip, optimizer step, EMA, lr.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import dispatch_clip_grad
+from torch import nn
+
+__all__ = ["DistillationLoss", "NonFiniteLossError", "StepConfig", "evaluate", "train_one_epoch"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (the run stops; the last checkpoint is kept)."""
+
+
+class DistillationLoss(nn.Module):
+    """DeiT's loss: ``(1 - alpha) * base(class head) + alpha * distillation(distillation head)``.
+
+    ``hard``: cross-entropy to the teacher's argmax on the same (mixed) images; ``soft``: KL at
+    temperature ``tau``. Without a teacher, the soft-target cross-entropy of the outputs.
+    """
+
+    def __init__(self, teacher: Optional[nn.Module] = None, kind: str = "none", alpha: float = 0.5,
+                 tau: float = 1.0) -> None:
+        super().__init__()
+        self.base = SoftTargetCrossEntropy()
+        self.teacher, self.kind, self.alpha, self.tau = teacher, kind, alpha, tau
+
+    def forward(self, images: torch.Tensor, outputs, targets: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None or self.kind == "none":
+            if isinstance(outputs, tuple):  # a distilled model trained without teacher: both heads learn the labels
+                return sum(self.base(out, targets) for out in outputs) / len(outputs)
+            return self.base(outputs, targets)
+        logits, logits_dist = outputs
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        if self.kind == "hard":
+            distill = F.cross_entropy(logits_dist, teacher_logits.argmax(dim=1))
+        else:
+            tau = self.tau
+            distill = F.kl_div(F.log_softmax(logits_dist / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                               reduction="batchmean", log_target=True) * tau * tau
+        return (1 - self.alpha) * self.base(logits, targets) + self.alpha * distill
+
+
+@dataclass
+class StepConfig:
+    """How steps run (fixed for a run)."""
+
+    device: torch.device
+    autocast: Callable[[], ContextManager] = nullcontext
+    channels_last: bool = False
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema_update: Optional[Callable[[int], None]] = None  # EMA of the weights after an optimizer step
+    limit_train_batches: Optional[int] = None
+    limit_val_batches: Optional[int] = None
+    log_interval: int = 50
+    log: Callable[[str], None] = print
+    progress: bool = False
+    distributed: bool = False
+    world_size: int = 1
+
+
+def _reduce_sum(values: list[float], cfg: StepConfig) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=cfg.device)
+    if cfg.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _batches(loader: Iterable, limit: Optional[int]) -> tuple[Iterable, int]:
+    total = len(loader)
+    if limit is not None:
+        total = min(total, limit)
+        return itertools.islice(loader, total), total
+    return loader, total
+
+
+def _progress(iterable: Iterable, total: int, cfg: StepConfig, desc: str):
+    if not cfg.progress:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    value = float(loss_sum)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the training loss is {value} at epoch {epoch}, step {step}: stopping. The last checkpoint "
+            "(last.pth) is from before this epoch; try a lower --lr, --clip-grad, or --no-amp"
+        )
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig) -> None:
+    if cfg.scaler is not None:
+        cfg.scaler.unscale_(optimizer)
+    if cfg.clip_grad is not None:
+        dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+    if cfg.scaler is not None:
+        cfg.scaler.step(optimizer)
+        cfg.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    mixer: Callable,
+    probe,
+    criterion: DistillationLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: StepConfig,
+    epoch: int,
+    num_updates: int,
+) -> tuple[dict[str, float], int]:
+    """One epoch of training. Returns ({"loss", "lr", "images_per_s", "seconds"}, num_updates)."""
+    model.train()
+    batches, total = _batches(loader, cfg.limit_train_batches)
+    accum = cfg.grad_accum_steps
+    loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)
+    images_seen, start = 0, time.perf_counter()
+    for step, (images, labels) in enumerate(_progress(batches, total, cfg, f"train {epoch}")):
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        images, mix = mixer(images, labels)  # mixes in place on the device
+        last_micro = (step + 1) % accum == 0 or step + 1 == total
+        sync = nullcontext() if last_micro or not cfg.distributed else model.no_sync()
+        with sync:
+            with cfg.autocast():
+                outputs = model(images)
+                targets = mix.targets(probe)  # TransMix: attention of this very forward
+                loss = criterion(images, outputs, targets)
+            scaled = loss / accum
+            (cfg.scaler.scale(scaled) if cfg.scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+        images_seen += images.shape[0]
+        if last_micro:
+            _optimizer_step(model, optimizer, cfg)
+            num_updates += 1
+            if cfg.ema_update is not None:
+                cfg.ema_update(num_updates)
+            scheduler.step_update(num_updates=num_updates)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == total:
+            _check_finite(loss_sum, epoch, step)
+            if not cfg.progress:
+                cfg.log(f"epoch {epoch} step {step + 1}/{total} loss {float(loss_sum) / (step + 1):.4f} "
+                        f"lr {optimizer.param_groups[0]['lr']:.3e}")
+    seconds = time.perf_counter() - start
+    loss_total, count, seen = _reduce_sum([float(loss_sum), float(total), float(images_seen)], cfg)
+    return {
+        "loss": loss_total / max(count, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": seen / seconds if seconds > 0 else float("nan"),
+        "seconds": seconds,
+    }, num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, cfg: StepConfig, desc: str = "val") -> dict[str, float]:
+    """Val loss (cross-entropy) and top-1/top-5 in percent over all ranks' shards (each image once)."""
+    model.eval()
+    batches, total = _batches(loader, cfg.limit_val_batches)
+    sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss, top-1, top-5, images
+    for images, labels in _progress(batches, total, cfg, desc):
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with cfg.autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        sums += torch.stack([
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+            torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=sums.device),
+        ])
+    loss, top1, top5, count = _reduce_sum(sums.tolist(), cfg)
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": count}

@@ -1,0 +1,105 @@
+"""``--mix``: the one place where a batch mixer is chosen.
+
+Every mixer has TransMix's interface::
+
+    images, state = mixer(images, target)      # images (B, C, H, W) mixed in place, target (B,) int64
+    targets = state.targets(probe)             # (B, K) float32 soft targets; probe may be None
+
+and ``uses_attention`` says whether the training step should attach a ``ClassAttentionProbe``.
+A new mixer (saliencymix, attentive_cutmix, puzzlemix, ...) is one function added to
+:data:`MIXERS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from timm.data.mixup import one_hot
+
+import transmix_kernels as tk
+
+__all__ = ["MIXERS", "Mixing", "NoMix", "create_mixer"]
+
+
+@dataclass
+class Mixing:
+    """A mixer and whether its targets read the model's attention."""
+
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, object]]
+    uses_attention: bool
+    name: str
+
+
+class _SmoothedLabels:
+    """State of an unmixed batch: label-smoothed one-hot targets (the attention is not used)."""
+
+    def __init__(self, target: torch.Tensor, num_classes: int, smoothing: float) -> None:
+        self.target, self.num_classes, self.smoothing = target, num_classes, smoothing
+
+    def targets(self, attention=None) -> torch.Tensor:
+        off = self.smoothing / self.num_classes
+        return one_hot(self.target, self.num_classes, on_value=1.0 - self.smoothing + off, off_value=off)
+
+
+class NoMix:
+    """``--mix none``: images untouched, smoothed one-hot targets (timm's loss path unchanged)."""
+
+    def __init__(self, num_classes: int, smoothing: float) -> None:
+        self.num_classes, self.smoothing = num_classes, smoothing
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor):
+        return images, _SmoothedLabels(target, self.num_classes, self.smoothing)
+
+
+def _transmix(args: argparse.Namespace, num_classes: int, model: torch.nn.Module, seed: int,
+              mixup_alpha: float, cutmix_alpha: float) -> tk.TransMix:
+    return tk.TransMix(
+        num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        cutmix_minmax=tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
+        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        label_smoothing=args.smoothing, ratio=args.transmix_ratio, model=model, seed=seed,
+    )
+
+
+def _none(args, num_classes, model, seed) -> Mixing:
+    return Mixing(NoMix(num_classes, args.smoothing), uses_attention=False, name="none")
+
+
+def _mixup(args, num_classes, model, seed) -> Mixing:
+    if args.mixup <= 0:
+        raise ValueError("--mix mixup needs --mixup > 0")
+    return Mixing(_transmix(args, num_classes, model, seed, args.mixup, 0.0), uses_attention=False, name="mixup")
+
+
+def _cutmix(args, num_classes, model, seed) -> Mixing:
+    # timm's Mixup with both alphas as configured (Table 3's "+CutMix" row keeps Mixup).
+    return Mixing(_transmix(args, num_classes, model, seed, args.mixup, args.cutmix), uses_attention=False,
+                  name="cutmix")
+
+
+def _transmix_mixing(args, num_classes, model, seed) -> Mixing:
+    # The same draws as cutmix; CutMix batches are relabelled by the attention (mix.targets(probe)).
+    return Mixing(_transmix(args, num_classes, model, seed, args.mixup, args.cutmix), uses_attention=True,
+                  name="transmix")
+
+
+#: name -> factory(args, num_classes, model, seed) -> Mixing
+MIXERS: dict[str, Callable[..., Mixing]] = {
+    "none": _none,
+    "mixup": _mixup,
+    "cutmix": _cutmix,
+    "transmix": _transmix_mixing,
+}
+
+
+def create_mixer(args: argparse.Namespace, num_classes: int, model: Optional[torch.nn.Module], seed: int) -> Mixing:
+    """The ``--mix`` mixer; ``seed`` should differ per rank (each rank draws its own boxes).
+
+    Bad mixing hyper-parameters are a ``ValueError`` (TransMix's own checks name the argument).
+    """
+    if args.mix not in MIXERS:
+        raise ValueError(f"--mix {args.mix!r}: choose one of {', '.join(MIXERS)}")
+    return MIXERS[args.mix](args, num_classes, model, seed)

@@ -1,0 +1,116 @@
+"""What a run writes beside its checkpoints: ``metrics.csv``, ``curves.png`` and ``train.log``.
+
+Only rank 0 writes. ``metrics.csv`` has one row per epoch (:data:`METRIC_FIELDS`; accuracies in
+percent as timm reports them, ``ema_top1`` empty without ``--model-ema``); on ``--resume`` the
+rows after the checkpoint's epoch are dropped, so a run killed between writing a row and its
+checkpoint does not repeat that epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["METRIC_FIELDS", "MetricsLog", "plot_curves", "setup_logging"]
+
+METRIC_FIELDS = ("epoch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "ema_top1", "images_per_s",
+                 "seconds")
+
+
+class MetricsLog:
+    """Append-only ``metrics.csv`` (flushed and fsynced per row)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def keep_until(self, epoch: int) -> None:
+        """Drop rows of epochs after ``epoch`` (resuming from that epoch's checkpoint)."""
+        kept = [row for row in self.rows() if int(row["epoch"]) <= epoch]
+        self._write(kept, "w")
+
+    def append(self, row: dict[str, object]) -> None:
+        unknown = set(row) - set(METRIC_FIELDS)
+        if unknown:
+            raise KeyError(f"unknown metrics fields {sorted(unknown)}")
+        self._write([row], "a")
+
+    def _write(self, rows: list[dict], mode: str) -> None:
+        new = mode == "w" or not self.path.is_file()
+        with open(self.path, mode, newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS)
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({key: _format(row.get(key)) for key in METRIC_FIELDS})
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _format(value) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def plot_curves(metrics_csv: str | os.PathLike, png: str | os.PathLike) -> Optional[Path]:
+    """Loss and accuracy curves per epoch (matplotlib, Agg); None when there is nothing to plot."""
+    rows = MetricsLog(metrics_csv).rows()
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) else float("nan") for r in rows]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, column("train_loss"), label="train (mixed targets)")
+    ax_loss.plot(epochs, column("val_loss"), label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, column("val_top1"), label="val top-1")
+    ax_acc.plot(epochs, column("val_top5"), label="val top-5")
+    if any(r.get("ema_top1") for r in rows):
+        ax_acc.plot(epochs, column("ema_top1"), label="EMA top-1")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="val accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png = Path(png)
+    temporary = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(temporary, dpi=100)
+    plt.close(fig)
+    os.replace(temporary, png)
+    return png
+
+
+def setup_logging(log_file: Optional[str | os.PathLike], primary: bool) -> logging.Logger:
+    """Plain lines to stdout (rank 0) and, when given, to ``log_file``."""
+    logger = logging.getLogger("transmix_train")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if primary else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if log_file is not None and primary:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    return logger
