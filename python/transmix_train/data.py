@@ -18,6 +18,7 @@ pixels and make a PIL image per sample without decoding anything.
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -88,8 +89,12 @@ class SyntheticImages(Dataset):
         return image, int(rng.integers(self.num_classes))
 
 
+@functools.lru_cache(maxsize=2)
 def load_digits_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 digits as uint8 (N, size, size, 3) RGB (bilinear upscale) and labels."""
+    """scikit-learn's 1,797 digits as uint8 (N, size, size, 3) RGB (bilinear upscale) and labels.
+
+    Cached (read-only arrays; the datasets index copies of them).
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -97,7 +102,9 @@ def load_digits_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).numpy()
-    return np.repeat(pixels[..., None], 3, axis=-1), digits.target.astype(np.int64)
+    pixels, labels = np.repeat(pixels[..., None], 3, axis=-1), digits.target.astype(np.int64)
+    pixels.flags.writeable = labels.flags.writeable = False
+    return pixels, labels
 
 
 def _digits(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
