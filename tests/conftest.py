@@ -53,6 +53,15 @@ def poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture
+def missing_extension(monkeypatch):
+    """The package as if transmix_kernels._C had failed to import, with no fallback warned yet."""
+    from transmix_kernels import _ext
+
+    monkeypatch.setattr(_ext, "_LOADED", _ext._Loaded(None, ImportError("simulated: no _C here")))
+    monkeypatch.setattr(_ext, "_FALLBACK_WARNED", set())
+
+
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0) -> None:
     """allclose with a message naming the tensor, the worst element, its index and the failing share.
 

@@ -221,7 +221,7 @@ BAD_INPUTS = {
     "lam-batch": (dict(lam_area=torch.rand(5)), ValueError, "lam_area must have batch size 2"),
     "scale-zero": (dict(scale=0.0), ValueError, "scale must be a positive finite number"),
     "scale-nan": (dict(scale=float("nan")), ValueError, "scale must be a positive finite number"),
-    "prefix-all": (dict(num_prefix_tokens=10, token_mask=torch.ones(2, 0)), ValueError, "num_prefix_tokens must be in [0, 10)"),
+    "prefix-all": (dict(num_prefix_tokens=10, token_mask=torch.ones(2, 0)), ValueError, "num_prefix_tokens must be in [0, N) = [0, 10)"),
     "prefix-float": (dict(num_prefix_tokens=1.0), TypeError, "num_prefix_tokens must be an int"),
     "ratio-range": (dict(ratio=1.5), ValueError, "ratio must be in [0.0, 1.0]"),
     "impl-unknown": (dict(impl="cuda"), ValueError, "impl must be one of"),
@@ -242,7 +242,7 @@ def test_bad_inputs_raise_before_work(change, error, message):
 @pytest.mark.parametrize("change,error,message", [
     (dict(k=torch.randn(2, 3, 10)), ValueError, "k must have 4 dimensions"),
     (dict(q_cls=torch.randn(2, 3, 8)), ValueError, "q_cls must have shape (B, heads, D)"),
-    (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be in [0, 10)"),
+    (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be in [0, N) = [0, 10)"),
     (dict(scale=-1.0), ValueError, "scale must be a positive finite number"),
 ], ids=["k-3d", "q-wrong-dim", "prefix-negative", "scale-negative"])
 def test_row_bad_inputs(change, error, message):

@@ -71,18 +71,3 @@ def test_default_inductor(seed, device):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     check_against_eager(step, compiled, make_inputs(device))
-
-
-def test_auto_holds_the_op_only_while_tracing(monkeypatch):
-    """Eager "auto" calls the backend the op would run (no dispatch cost); a trace holds the op."""
-    from transmix_kernels._utils import dispatch_backend
-
-    cpu = torch.device("cpu")
-    assert dispatch_backend("auto", cpu) == "torch"
-    assert dispatch_backend("auto", cpu, eager="native") == "native"
-    assert dispatch_backend("auto", cpu, eager="op") == "op"
-    assert dispatch_backend("torch", cpu, eager="native") == "torch"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert dispatch_backend("auto", cpu) == "op"
-    assert dispatch_backend("auto", cpu, eager="native") == "op"
-    assert dispatch_backend("reference", cpu) == "reference"

@@ -202,7 +202,7 @@ BAD_INPUTS = {
     "bias-int": (dict(attn_bias=[torch.zeros(10, 10, dtype=torch.int64), None]), TypeError, "attn_bias[0] must have dtype"),
     "scale-inf": (dict(scale=float("inf")), ValueError, "scale must be a positive finite number"),
     "residual-range": (dict(residual=-0.1), ValueError, "residual must be in [0.0, 1.0]"),
-    "prefix-all": (dict(num_prefix_tokens=10), ValueError, "num_prefix_tokens must be in [0, 10)"),
+    "prefix-all": (dict(num_prefix_tokens=10), ValueError, "num_prefix_tokens must be in [0, N) = [0, 10)"),
     "prefix-float": (dict(num_prefix_tokens=1.5), TypeError, "num_prefix_tokens must be an int"),
     "impl-unknown": (dict(impl="numpy"), ValueError, "impl must be one of"),
 }

@@ -239,12 +239,6 @@ def test_inputs_untouched_and_grad_free(seed, device, path):
 # --- fallback and build info -------------------------------------------------------------------
 
 
-@pytest.fixture
-def missing_extension(monkeypatch):
-    monkeypatch.setattr(_ext, "_LOADED", _ext._Loaded(None, ImportError("simulated: no _C here")))
-    monkeypatch.setattr(rollout_mod, "_FALLBACK_WARNED", set())
-
-
 def test_fallback_warns_once_and_matches_torch_path(seed, missing_extension):
     attentions = make_attentions(3, 2, 3, 17)
     with warnings.catch_warnings(record=True) as caught:

@@ -40,15 +40,14 @@ def no_work(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("work started before the inputs were validated")
 
-    for name in ("_paste_triton", "_paste_inplace_triton", "_paste_torch", "_paste_inplace_torch",
-                 "_move_boxes_cpu", "_move_boxes_torch", "_cutmix_paste_op", "_cutmix_paste_inplace_op"):
+    for name in ("_paste_triton", "_paste_inplace_triton", "_move_boxes_torch", "_move_boxes_extension",
+                 "_cutmix_paste_op", "_cutmix_paste_inplace_op"):
         monkeypatch.setattr(paste_module, name, tripwire)
     for name in ("_run_triton", "_run_torch", "_lambda_targets_op"):
         monkeypatch.setattr(lambda_module, name, tripwire)
     monkeypatch.setattr(boxes_module, "_boxes_torch", tripwire)
     for name in ("sample_boxes", "cutmix_paste", "transmix_lambda", "mix_targets"):
         monkeypatch.setattr(tk.reference, name, tripwire)
-    monkeypatch.setattr(mixer_module, "_paste_dispatch", tripwire)
     monkeypatch.setattr(mixer_module.TransMix, "_mix", tripwire)
 
 

@@ -1,19 +1,25 @@
 """Shared plumbing of the ops: backend choice, input checks, Triton launch settings.
 
-Every public op takes ``impl="auto" | "triton" | "torch" | "reference"`` and resolves it with
-:func:`resolve_impl`. Every check raises *before* any work, names the argument and says what
-was expected, so a caller's tensors are never touched by a call that fails.
+Every public op takes ``impl="auto" | "triton" | "torch" | "reference"`` and turns it into the
+backend that runs with :func:`resolve_backend`, the one resolver of the package; each op module
+then has one runner that maps a backend to its kernel. Every check raises *before* any work,
+names the argument and says what was expected, so a caller's tensors are never touched by a call
+that fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterable, Sequence
 
 import torch
 
+from . import _ext
+
 try:  # Triton ships with CUDA builds of torch; a CPU-only torch may lack it.
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
@@ -24,47 +30,145 @@ except ImportError:  # pragma: no cover - depends on the install
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 IMPLS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("triton", "extension", "torch", "reference", "op")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+__all__ = [
+    "BACKENDS",
+    "FLOAT_DTYPES",
+    "HAS_TRITON",
+    "IMPLS",
+    "TRITON_INTERPRET",
+    "OpKernels",
+    "auto_backend",
+    "blend_lambda",
+    "block_size",
+    "check_batch",
+    "check_index_range",
+    "check_num_prefix_tokens",
+    "check_partner",
+    "check_positive_int",
+    "check_range",
+    "check_scale",
+    "check_tensor",
+    "check_unit_interval",
+    "draw_box_randoms",
+    "flipped_partner",
+    "is_dense",
+    "is_int",
+    "nearest_scale",
+    "num_warps_for",
+    "resolve_backend",
+]
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Turn ``impl`` into the backend that runs: "triton", "torch" or "reference".
 
-    auto: Triton on CUDA tensors, the vectorised PyTorch path otherwise.
+# ---------------------------------------------------------------- backend choice
+
+
+@dataclasses.dataclass(frozen=True)
+class OpKernels:
+    """What one op has besides its vectorised PyTorch path and its reference twin.
+
+    Attributes:
+        name: the public op, for messages.
+        triton: it has a Triton kernel, which impl="auto" runs on CUDA tensors.
+        extension: the function of ``transmix_kernels._C`` that impl="auto" runs on tensors of
+            ``extension_devices`` when the extension can (see the fallback policy in ``_ext``).
+        registered: it is a torch.library op, which impl="auto" leaves in a torch.compile graph.
+        impls: the impl values it accepts.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+    name: str
+    triton: bool = True
+    extension: str | None = None
+    extension_devices: tuple[str, ...] = ()
+    registered: bool = True
+    impls: tuple[str, ...] = IMPLS
+
+
+def resolve_backend(impl: str, device: torch.device, kernels: OpKernels) -> str:
+    """Turn ``impl`` into the backend that runs: one of :data:`BACKENDS`.
+
+    "auto" is "op" (the registered torch.library op) while torch.compile traces, so the graph
+    holds the op; run eagerly it is :func:`auto_backend`, the kernel the op would pick, without
+    the op's dispatch cost. "triton" is checked against the device; an op without a Triton kernel
+    that accepts it (sample_boxes) runs its PyTorch path. "torch" and "reference" are themselves.
+    """
+    if impl not in kernels.impls:
+        if impl == "triton":
+            raise ValueError(f"{kernels.name} has no Triton kernel (impl='triton'); use impl in {kernels.impls}")
+        raise ValueError(f"impl must be one of {kernels.impls}, got {impl!r}")
     if impl == "auto":
-        return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
+        if kernels.registered and torch.compiler.is_compiling():
+            return "op"
+        return auto_backend(device, kernels)
     if impl == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("impl='triton' needs the triton package, which is not installed")
-        if device.type == "cpu" and not TRITON_INTERPRET:
-            raise RuntimeError(
-                "impl='triton' got CPU tensors: Triton kernels run on CUDA tensors, or on the CPU "
-                "only under the interpreter (set TRITON_INTERPRET=1 before importing "
-                "transmix_kernels); use impl='torch' or impl='auto' for the CPU path"
-            )
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"impl='triton' supports CUDA (or interpreted CPU) tensors, got {device}")
+        _check_triton_device(device)
+        return "triton" if kernels.triton else "torch"
     return impl
 
 
-def dispatch_backend(impl: str, device: torch.device, eager: str = "direct") -> str:
-    """Like :func:`resolve_impl`, for the ops registered with torch.library.
+def auto_backend(device: torch.device, kernels: OpKernels) -> str:
+    """impl="auto" run eagerly (and the body of a registered op): Triton on CUDA tensors, the
+    compiled extension where the op has a kernel there, else the PyTorch path."""
+    if kernels.triton and HAS_TRITON and device.type == "cuda":
+        return "triton"
+    if device.type in kernels.extension_devices:
+        if _ext.has_kernel(kernels.extension, device):
+            return "extension"
+        _ext.warn_fallback(kernels.name, kernels.extension, device)
+    return "torch"
 
-    "auto" becomes "op" (the registered op, which picks the Triton kernel on CUDA and the CPU
-    path otherwise) while torch.compile traces, so the graph holds the op. Run eagerly, "auto"
-    skips the op's dispatch cost (tens of microseconds a call) and returns the backend the op
-    would run: ``eager="direct"`` gives "triton" / "torch", ``eager="native"`` gives "native"
-    (for ops whose CPU path prefers the compiled extension), ``eager="op"`` keeps "op".
-    """
-    backend = resolve_impl(impl, device)
-    if impl != "auto":
-        return backend
-    if eager == "op" or torch.compiler.is_compiling():
-        return "op"
-    return "native" if eager == "native" else backend
+
+def _check_triton_device(device: torch.device) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package, which is not installed")
+    if device.type == "cpu" and not TRITON_INTERPRET:
+        raise RuntimeError(
+            "impl='triton' got CPU tensors: Triton kernels run on CUDA tensors, or on the CPU "
+            "only under the interpreter (set TRITON_INTERPRET=1 before importing "
+            "transmix_kernels); use impl='torch' or impl='auto' for the CPU path"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"impl='triton' supports CUDA (or interpreted CPU) tensors, got {device}")
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def is_int(value) -> bool:
+    """A Python int that is not a bool (bool subclasses int; True is never meant as 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_scale(scale) -> float:
+    """The attention's logit scale: a positive finite Python number."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def check_num_prefix_tokens(value, n_tokens: int, what: str) -> int:
+    """Tokens in front of the patches: an int in [0, N), so at least one patch token is left."""
+    if not is_int(value):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(value).__name__}")
+    if not 0 <= value < n_tokens:
+        raise ValueError(
+            f"num_prefix_tokens must be in [0, N) = [0, {n_tokens}) so at least one patch token is left "
+            f"({what} has N = {n_tokens} tokens), got {value}"
+        )
+    return value
+
+
+def is_dense(images: torch.Tensor) -> bool:
+    """Contiguous or channels_last: every element has its own address (no aliasing strides)."""
+    return images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
 
 
 def check_tensor(
@@ -94,6 +198,7 @@ def check_tensor(
 
 
 def check_batch(name: str, value: torch.Tensor, batch: int, dim: int = 0, like: str = "images") -> None:
+    """Size ``batch`` in dimension ``dim`` (the batch of the tensor named ``like``)."""
     if value.shape[dim] != batch:
         raise ValueError(
             f"{name} must have batch size {batch} in dimension {dim} (like {like}), got shape {tuple(value.shape)}"
@@ -166,6 +271,36 @@ def draw_box_randoms(
     return torch.rand((4 if minmax else 2, batch), generator=generator, device=device, dtype=torch.float64)
 
 
+# ---------------------------------------------------------------- shared arithmetic
+
+
+def blend_lambda(mass: torch.Tensor, outside: torch.Tensor, lam_area: torch.Tensor, ratio: float) -> torch.Tensor:
+    """TransMix's lam from the attention mass and its part outside the box, all (B,) float32.
+
+    lam_attn = outside / mass; a row whose mass is zero or not finite carries no attention
+    information and keeps lam_attn = lam_area. lam = ratio * lam_area + (1 - ratio) * lam_attn.
+    """
+    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(outside)
+    lam_attn = torch.where(usable, outside / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
+    return ratio * lam_area + (1.0 - ratio) * lam_attn
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def blend_lambda_triton(mass, outside, lam_area, ratio, one_minus_ratio):
+        """:func:`blend_lambda` inside a kernel, on fp32 scalars; ``one_minus_ratio`` comes from the
+        host (1 - ratio rounded once from float64, as the PyTorch path rounds it)."""
+        usable = (mass > 0) & (mass < float("inf")) & (outside == outside) & (tl.abs(outside) < float("inf"))
+        lam_attn = tl.where(usable, outside / tl.where(usable, mass, 1.0), lam_area)
+        return ratio * lam_area + one_minus_ratio * lam_attn
+
+    __all__ += ["blend_lambda_triton"]
+
+
+# ---------------------------------------------------------------- boxes, grids, launch settings
+
+
 def nearest_scale(size: int, grid: int) -> float:
     """F.interpolate(mode="nearest")'s float32 scale; the token mask must match it bit for bit."""
     return float(torch.tensor(size, dtype=torch.float32) / torch.tensor(grid, dtype=torch.float32))
@@ -177,6 +312,7 @@ def block_size(n: int, cap: int = 4096) -> int:
 
 
 def num_warps_for(block: int) -> int:
+    """Warps for a tile of ``block`` elements (Liger's steps)."""
     if block >= 4096:
         return 16
     if block >= 2048:

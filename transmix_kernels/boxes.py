@@ -1,11 +1,20 @@
-"""CutMix box sampling with timm's rand_bbox / rand_bbox_minmax semantics, vectorised over samples."""
+"""CutMix box sampling with timm's rand_bbox / rand_bbox_minmax semantics, vectorised over samples.
+
+Box sampling is a few scalar operations per sample, so it has one vectorised PyTorch path, which
+every impl except "reference" (the per-sample loop twin) runs, on any device; there is no Triton
+kernel.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from . import reference
-from ._utils import check_range, check_tensor, draw_box_randoms, resolve_impl
+from ._utils import OpKernels, check_positive_int, check_range, check_tensor, draw_box_randoms, resolve_backend
+
+__all__ = ["BOXES", "box_corners", "sample_boxes"]
+
+BOXES = OpKernels("sample_boxes", triton=False, registered=False)
 
 
 def box_corners(lam, height: int, width: int, minmax, draws, *, sqrt, to_int, clip):
@@ -44,6 +53,10 @@ def _boxes_torch(lam, height, width, minmax, correct_lam, generator):
     return boxes, lam_area.float()
 
 
+def _boxes_reference(lam, height, width, minmax, correct_lam, generator):
+    return reference.sample_boxes(lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator)
+
+
 def _check_minmax(minmax, height: int, width: int):
     if minmax is None:
         return None
@@ -78,6 +91,9 @@ def sample_boxes(
         minmax: optional (min, max) box-side ratios; lam is then ignored for the box size.
         correct_lam: lam_area from the clipped box area (always so with minmax).
         generator: torch.Generator on lam's device for the box positions.
+        impl: "reference" runs the per-sample twin; "auto", "torch" and "triton" all run the one
+            vectorised PyTorch path (there is no Triton kernel; "triton" still requires a
+            device Triton could run on, as for every op).
 
     Returns:
         boxes: (B, 4) int32 ``[y0, y1, x0, x1]``, half-open, clipped to the image.
@@ -89,18 +105,12 @@ def sample_boxes(
         boxes, lam_area = tk.sample_boxes(lam, 224, 224)
     """
     check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
-    for name, size in (("height", height), ("width", width)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    check_positive_int("height", height)
+    check_positive_int("width", width)
     minmax = _check_minmax(minmax, height, width)
     if lam.numel() and (not bool(torch.isfinite(lam).all()) or float(lam.min()) < 0 or float(lam.max()) > 1):
         raise ValueError(f"lam must hold values in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
     if generator is not None and generator.device.type != lam.device.type:
         raise ValueError(f"generator must be on lam's device {lam.device}, got {generator.device}")
-    backend = resolve_impl(impl, lam.device)
-    if backend == "reference":
-        return reference.sample_boxes(
-            lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator
-        )
-    # Box sampling is a few scalar ops per sample: PyTorch is the kernel on every device.
-    return _boxes_torch(lam, height, width, minmax, correct_lam, generator)
+    kernel = {"torch": _boxes_torch, "reference": _boxes_reference}[resolve_backend(impl, lam.device, BOXES)]
+    return kernel(lam, height, width, minmax, correct_lam, generator)

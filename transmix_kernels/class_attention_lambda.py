@@ -32,18 +32,36 @@ from . import reference
 from ._utils import (
     FLOAT_DTYPES,
     HAS_TRITON,
+    OpKernels,
+    blend_lambda,
     block_size,
     check_batch,
-    check_unit_interval,
+    check_num_prefix_tokens,
+    check_positive_int,
     check_range,
+    check_scale,
     check_tensor,
-    dispatch_backend,
+    check_unit_interval,
     num_warps_for,
+    resolve_backend,
 )
+
+__all__ = [
+    "CLASS_ATTENTION_LAMBDA",
+    "CLASS_ATTENTION_ROW",
+    "class_attention_lambda",
+    "class_attention_row",
+    "received_attention",
+]
+
+CLASS_ATTENTION_LAMBDA = OpKernels("class_attention_lambda")
+CLASS_ATTENTION_ROW = OpKernels("class_attention_row")
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._utils import blend_lambda_triton
 
     @triton.jit
     def _class_logits(
@@ -113,7 +131,7 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_mb, stride_mn, stride_lb,
-        n_total, heads, head_dim, n_prefix, scale, ratio,
+        n_total, heads, head_dim, n_prefix, scale, ratio, one_minus_ratio,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
@@ -130,12 +148,7 @@ if HAS_TRITON:
         mass = tl.sum(tl.where(h_ok, s_patch / z, 0.0), axis=0)
         outside = tl.sum(tl.where(h_ok, o_patch / z, 0.0), axis=0)
         lam_area = tl.load(lam_area_ptr + b * stride_lb).to(tl.float32)
-        finite = (mass == mass) & (tl.abs(mass) < float("inf")) & (outside == outside) & (
-            tl.abs(outside) < float("inf")
-        )
-        usable = finite & (mass > 0.0)
-        lam_attn = tl.where(usable, outside / tl.where(usable, mass, 1.0), lam_area)
-        tl.store(out_ptr + b, ratio * lam_area + (1.0 - ratio) * lam_attn)
+        tl.store(out_ptr + b, blend_lambda_triton(mass, outside, lam_area, ratio, one_minus_ratio))
 
     @triton.jit
     def _class_attention_row_kernel(
@@ -195,7 +208,7 @@ def _class_attention_lambda_triton(
     _class_attention_lambda_kernel[(batch,)](
         q_cls, k, token_mask, lam_area, out,
         *q_cls.stride(), *k.stride(), *token_mask.stride(), lam_area.stride(0),
-        n_total, heads, head_dim, num_prefix_tokens, float(scale), float(ratio),
+        n_total, heads, head_dim, num_prefix_tokens, float(scale), float(ratio), 1.0 - float(ratio),
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )
     return out
@@ -238,10 +251,7 @@ def _class_attention_lambda_torch(
     outside = 1.0 - token_mask.float()
     mass = weights.sum(dim=(1, 2))
     outside_mass = (weights * outside.unsqueeze(1)).sum(dim=(1, 2))
-    lam_area = lam_area.float()
-    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(outside_mass)
-    lam_attn = torch.where(usable, outside_mass / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
-    return ratio * lam_area + (1.0 - ratio) * lam_attn
+    return blend_lambda(mass, outside_mass, lam_area.float(), ratio)
 
 
 def _class_attention_row_torch(
@@ -280,6 +290,43 @@ if HAS_TRITON:
     _class_attention_row_op.register_kernel("cuda")(_class_attention_row_triton)
 
 
+def _class_attention_lambda_reference(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio):
+    return reference.class_attention_lambda(
+        q_cls, k, token_mask, lam_area, scale=scale, num_prefix_tokens=num_prefix_tokens, ratio=ratio
+    )
+
+
+def _class_attention_row_reference(q_cls, k, scale, num_prefix_tokens):
+    return reference.class_attention_row(q_cls, k, scale=scale, num_prefix_tokens=num_prefix_tokens)
+
+
+def _run_class_attention_lambda(
+    backend: str,
+    q_cls: torch.Tensor,
+    k: torch.Tensor,
+    token_mask: torch.Tensor,
+    lam_area: torch.Tensor,
+    scale: float,
+    num_prefix_tokens: int,
+    ratio: float,
+) -> torch.Tensor:
+    """Validated, detached inputs -> lam (B,) float32 on ``backend`` (from
+    ``resolve_backend(impl, device, CLASS_ATTENTION_LAMBDA)``)."""
+    kernel = {
+        "triton": _class_attention_lambda_triton, "torch": _class_attention_lambda_torch,
+        "reference": _class_attention_lambda_reference, "op": _class_attention_lambda_op,
+    }[backend]
+    return kernel(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio)
+
+
+def _run_class_attention_row(backend, q_cls, k, scale, num_prefix_tokens):
+    kernel = {
+        "triton": _class_attention_row_triton, "torch": _class_attention_row_torch,
+        "reference": _class_attention_row_reference, "op": _class_attention_row_op,
+    }[backend]
+    return kernel(q_cls, k, scale, num_prefix_tokens)
+
+
 def _check_query_keys(q_cls, k, scale, num_prefix_tokens) -> None:
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("q_cls", q_cls, ndim=3, dtypes=(k.dtype,), device=k.device)
@@ -289,15 +336,8 @@ def _check_query_keys(q_cls, k, scale, num_prefix_tokens) -> None:
             f"q_cls must have shape (B, heads, D) = {(batch, heads, head_dim)} to match k of shape "
             f"{tuple(k.shape)}, got {tuple(q_cls.shape)}"
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
-        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
-    if not 0 <= num_prefix_tokens < n_total:
-        raise ValueError(
-            f"num_prefix_tokens must be in [0, {n_total}) so at least one patch token is left "
-            f"(k has N_total = {n_total} tokens), got {num_prefix_tokens}"
-        )
+    check_scale(scale)
+    check_num_prefix_tokens(num_prefix_tokens, n_total, "k")
 
 
 def class_attention_lambda(
@@ -345,21 +385,12 @@ def class_attention_lambda(
     check_batch("lam_area", lam_area, batch, like="k")
     check_unit_interval("lam_area", lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
-    backend = dispatch_backend(impl, k.device)
+    backend = resolve_backend(impl, k.device, CLASS_ATTENTION_LAMBDA)
     # The lambda is a label weight: no gradient flows into it, and detach() is a free view.
-    q_cls, k = q_cls.detach(), k.detach()
-    token_mask, lam_area = token_mask.detach(), lam_area.detach()
-    scale = float(scale)
-    if backend == "reference":
-        return reference.class_attention_lambda(
-            q_cls, k, token_mask, lam_area, scale=scale, num_prefix_tokens=num_prefix_tokens, ratio=ratio
-        )
-    run = {
-        "op": _class_attention_lambda_op,
-        "triton": _class_attention_lambda_triton,
-        "torch": _class_attention_lambda_torch,
-    }[backend]
-    return run(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio)
+    return _run_class_attention_lambda(
+        backend, q_cls.detach(), k.detach(), token_mask.detach(), lam_area.detach(), float(scale), num_prefix_tokens,
+        ratio,
+    )
 
 
 def class_attention_row(
@@ -387,13 +418,8 @@ def class_attention_row(
         >>> a = class_attention_row(q[:, :, 0], k, scale=attn.scale)   # (B, 196) for DeiT at 224 px
     """
     _check_query_keys(q_cls, k, scale, num_prefix_tokens)
-    backend = dispatch_backend(impl, k.device)
-    q_cls, k = q_cls.detach(), k.detach()
-    scale = float(scale)
-    if backend == "reference":
-        return reference.class_attention_row(q_cls, k, scale=scale, num_prefix_tokens=num_prefix_tokens)
-    run = {"op": _class_attention_row_op, "triton": _class_attention_row_triton, "torch": _class_attention_row_torch}
-    return run[backend](q_cls, k, scale, num_prefix_tokens)
+    backend = resolve_backend(impl, k.device, CLASS_ATTENTION_ROW)
+    return _run_class_attention_row(backend, q_cls.detach(), k.detach(), float(scale), num_prefix_tokens)
 
 
 def received_attention(
@@ -432,8 +458,7 @@ def received_attention(
     _check_query_keys(q[:, :, 0], k, scale, num_prefix_tokens)
     if logit_addends is not None and not callable(logit_addends):
         raise TypeError(f"logit_addends must be callable (start, stop) -> tensors or None, got {logit_addends!r}")
-    if isinstance(max_chunk_elements, bool) or not isinstance(max_chunk_elements, int) or max_chunk_elements < 1:
-        raise ValueError(f"max_chunk_elements must be a positive int, got {max_chunk_elements!r}")
+    check_positive_int("max_chunk_elements", max_chunk_elements)
     batch, heads, tokens, _ = q.shape
     q32, k_t = q.detach().float(), k.detach().float().transpose(-2, -1)
     chunk = max(1, max_chunk_elements // (batch * heads * tokens))
@@ -448,5 +473,3 @@ def received_attention(
     received = received[:, num_prefix_tokens:]
     return received / received.sum(dim=-1, keepdim=True)
 
-
-__all__ = ["class_attention_lambda", "class_attention_row", "received_attention"]

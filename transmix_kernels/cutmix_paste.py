@@ -20,14 +20,21 @@ from . import _ext, reference
 from ._utils import (
     HAS_TRITON,
     FLOAT_DTYPES,
+    OpKernels,
+    auto_backend,
     block_size,
     check_partner,
     check_tensor,
-    dispatch_backend,
+    is_dense,
+    is_int,
     nearest_scale,
+    resolve_backend,
 )
 
+__all__ = ["PASTE", "check_boxes", "cutmix_paste", "run_paste", "token_mask_torch"]
+
 BLOCK_PIXELS = 256
+PASTE = OpKernels("cutmix_paste", extension="cutmix_paste_cpu_", extension_devices=("cpu",))
 
 
 if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
@@ -234,26 +241,10 @@ def _move_boxes_torch(images: torch.Tensor, boxes: torch.Tensor, partner: torch.
     rows.index_copy_(0, dst, kept)
 
 
-def _move_boxes_cpu(images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor) -> None:
-    """The CPU op: the compiled kernel of the extension (one memcpy per box row segment) when it
-    is built, else :func:`_move_boxes_torch`. Same result, bit for bit."""
-    ext = _ext.extension()
-    if ext is None or not hasattr(ext, "cutmix_paste_cpu_") or images.device.type != "cpu":
-        _move_boxes_torch(images, boxes, partner)
-        return
-    ext.cutmix_paste_cpu_(images, boxes.expand(images.shape[0], 4) if boxes.dim() == 1 else boxes, partner)
-
-
-def _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_torch):
-    dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
-    out = images.clone() if dense else images.contiguous()
-    move(out, boxes, partner)
-    return out, _token_mask_or_empty(boxes, images, gh, gw)
-
-
-def _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_torch):
-    move(images, boxes, partner)
-    return _token_mask_or_empty(boxes, images, gh, gw)
+def _move_boxes_extension(images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor) -> None:
+    """The extension's compiled CPU move (one memcpy per box row segment): the same result as
+    :func:`_move_boxes_torch`, bit for bit."""
+    _ext.extension().cutmix_paste_cpu_(images, boxes.expand(images.shape[0], 4) if boxes.dim() == 1 else boxes, partner)
 
 
 def _token_mask_or_empty(boxes, images, gh, gw):
@@ -263,6 +254,83 @@ def _token_mask_or_empty(boxes, images, gh, gw):
     return token_mask_torch(boxes, batch, height, width, gh, gw)
 
 
+def _copy_and_move(images, boxes, partner, gh, gw, move):
+    out = images.clone() if is_dense(images) else images.contiguous()
+    move(out, boxes, partner)
+    return out, _token_mask_or_empty(boxes, images, gh, gw)
+
+
+def _paste_torch(images, boxes, partner, gh, gw):
+    return _copy_and_move(images, boxes, partner, gh, gw, _move_boxes_torch)
+
+
+def _paste_extension(images, boxes, partner, gh, gw):
+    return _copy_and_move(images, boxes, partner, gh, gw, _move_boxes_extension)
+
+
+def _paste_inplace_torch(images, boxes, partner, gh, gw, max_bh, max_bw):
+    _move_boxes_torch(images, boxes, partner)
+    return _token_mask_or_empty(boxes, images, gh, gw)
+
+
+def _paste_inplace_extension(images, boxes, partner, gh, gw, max_bh, max_bw):
+    _move_boxes_extension(images, boxes, partner)
+    return _token_mask_or_empty(boxes, images, gh, gw)
+
+
+def _paste_reference(images, boxes, partner, gh, gw):
+    return reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None)
+
+
+def _paste_inplace_reference(images, boxes, partner, gh, gw, max_bh, max_bw):
+    return reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None, inplace=True)[1]
+
+
+# ---------------------------------------------------------------- one runner per backend
+
+
+def _paste_out_of_place(backend, images, boxes, partner, gh, gw):
+    kernel = {
+        "triton": _paste_triton, "extension": _paste_extension, "torch": _paste_torch,
+        "reference": _paste_reference, "op": _cutmix_paste_op,
+    }[backend]
+    return kernel(images, boxes, partner, gh, gw)
+
+
+def _paste_in_place(backend, images, boxes, partner, gh, gw, max_bh, max_bw):
+    kernel = {
+        "triton": _paste_inplace_triton, "extension": _paste_inplace_extension, "torch": _paste_inplace_torch,
+        "reference": _paste_inplace_reference, "op": _cutmix_paste_inplace_op,
+    }[backend]
+    return kernel(images, boxes, partner, gh, gw, max_bh, max_bw)
+
+
+def run_paste(
+    backend: str,
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    partner: torch.Tensor,
+    gh: int,
+    gw: int,
+    inplace: bool,
+    max_bh: int,
+    max_bw: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a validated paste on ``backend`` (from ``resolve_backend(impl, device, PASTE)``).
+
+    Package-internal: :func:`cutmix_paste` calls it after its checks, TransMix with boxes it made
+    itself. ``gh = gw = 0`` means no token grid; max_bh, max_bw bound the box sizes (in place).
+
+    Returns:
+        mixed: (B, C, H, W) (``images`` itself when inplace); token_mask: (B, gh*gw) float32 or None.
+    """
+    if inplace:
+        token_mask = _paste_in_place(backend, images, boxes, partner, gh, gw, max_bh, max_bw)
+        return images, (token_mask if gh else None)
+    mixed, token_mask = _paste_out_of_place(backend, images, boxes, partner, gh, gw)
+    return mixed, (token_mask if gh else None)
+
+
 # ---------------------------------------------------------------- torch.library registration
 
 
@@ -270,7 +338,7 @@ def _token_mask_or_empty(boxes, images, gh, gw):
 def _cutmix_paste_op(
     images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _paste_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
+    return _paste_out_of_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw)
 
 
 if HAS_TRITON:
@@ -286,7 +354,7 @@ def _(images, boxes, partner, gh, gw):
 def _cutmix_paste_inplace_op(
     images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int, max_bh: int, max_bw: int
 ) -> torch.Tensor:
-    return _paste_inplace_torch(images, boxes, partner, gh, gw, move=_move_boxes_cpu)
+    return _paste_in_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw, max_bh, max_bw)
 
 
 if HAS_TRITON:
@@ -307,7 +375,7 @@ def _check_grid(token_grid, height: int, width: int) -> tuple[int, int]:
     if not isinstance(token_grid, (tuple, list)) or len(token_grid) != 2:
         raise ValueError(f"token_grid must be a (gh, gw) pair of ints, got {token_grid!r}")
     gh, gw = token_grid
-    if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in (gh, gw)):
+    if not all(is_int(g) and g >= 1 for g in (gh, gw)):
         raise ValueError(f"token_grid must hold positive ints, got {tuple(token_grid)}")
     if gh > height or gw > width:
         raise ValueError(f"token_grid {tuple(token_grid)} is larger than the image ({height}, {width})")
@@ -378,39 +446,10 @@ def cutmix_paste(
     gh, gw = _check_grid(token_grid, height, width)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if inplace and not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
+    if inplace and not is_dense(images):
         raise ValueError(
             "inplace=True needs images contiguous or channels_last (a strided or expanded tensor may alias "
             "its own elements); pass inplace=False or a dense tensor"
         )
-    backend = dispatch_backend(impl, images.device, eager="native")
-    return _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw)
-
-
-def _dispatch(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw):
-    """Run a validated paste; TransMix calls this directly with boxes it made itself.
-
-    backend "native" is what the op runs, minus the op's dispatch cost (TransMix runs eagerly):
-    Triton on CUDA, the compiled or PyTorch CPU path otherwise.
-    """
-    move = _move_boxes_torch
-    if backend == "native":
-        backend, move = ("triton", None) if images.is_cuda else ("torch", _move_boxes_cpu)
-    if backend == "reference":
-        mixed, token_mask = reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None, inplace=inplace)
-        return mixed, token_mask
-    if inplace:
-        if backend == "triton":
-            token_mask = _paste_inplace_triton(images, boxes, partner, gh, gw, max_bh, max_bw)
-        elif backend == "torch":
-            token_mask = _paste_inplace_torch(images, boxes, partner, gh, gw, move=move)
-        else:
-            token_mask = _cutmix_paste_inplace_op(images, boxes, partner, gh, gw, max_bh, max_bw)
-        return images, (token_mask if gh else None)
-    if backend == "triton":
-        mixed, token_mask = _paste_triton(images, boxes, partner, gh, gw)
-    elif backend == "torch":
-        mixed, token_mask = _paste_torch(images, boxes, partner, gh, gw, move=move)
-    else:
-        mixed, token_mask = _cutmix_paste_op(images, boxes, partner, gh, gw)
-    return mixed, (token_mask if gh else None)
+    backend = resolve_backend(impl, images.device, PASTE)
+    return run_paste(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw)

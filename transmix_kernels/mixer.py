@@ -16,19 +16,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._utils import check_index_range, check_range, check_tensor, FLOAT_DTYPES, flipped_partner, IMPLS, resolve_impl
+from ._utils import (
+    FLOAT_DTYPES,
+    IMPLS,
+    check_index_range,
+    check_positive_int,
+    check_range,
+    check_tensor,
+    flipped_partner,
+    is_dense,
+    is_int,
+    resolve_backend,
+)
 from .boxes import box_corners
-from .cutmix_paste import _dispatch as _paste_dispatch
-from .cutmix_paste import token_mask_torch
-from .transmix_lambda import run_lambda_targets, transmix_lambda, transmix_targets
+from .class_attention_lambda import class_attention_lambda
+from .cutmix_paste import PASTE, run_paste, token_mask_torch
+from .probe import infer_token_grid
+from .transmix_lambda import LAMBDA_TARGETS, run_lambda_targets, transmix_lambda, transmix_targets
+
+__all__ = ["MODES", "MixState", "TransMix"]
 
 MODES = ("batch", "pair", "elem")
-
-
-def eager_backend(impl: str) -> str:
-    """The backend TransMix passes to the ops: for auto, "native" (the ops' own kernels without the
-    torch.library dispatch, since TransMix runs eagerly)."""
-    return "native" if impl == "auto" else impl
 
 
 @dataclass
@@ -63,10 +71,6 @@ class MixState:
     token_mask: torch.Tensor | None = None
     impl: str = "auto"
 
-    @property
-    def backend(self) -> str:
-        return eager_backend(self.impl)
-
     def mask_for(self, token_grid: tuple[int, int]) -> torch.Tensor:
         """(B, gh*gw) token mask of the pasted boxes on any grid (made lazily when not fused)."""
         token_grid = tuple(token_grid)
@@ -81,8 +85,9 @@ class MixState:
 
     def _soft_targets(self, lam: torch.Tensor) -> torch.Tensor:
         # target, partner and lam were made or checked by TransMix: no second validation pass.
+        backend = resolve_backend(self.impl, lam.device, LAMBDA_TARGETS)
         _, targets = run_lambda_targets(
-            self.backend, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
+            backend, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
         )
         return targets
 
@@ -160,14 +165,13 @@ class MixState:
     def _probe_lambda(self, probe) -> torch.Tensor:
         token_mask = self.mask_for(self._probe_grid(probe))
         query_keys = probe.class_query_keys() if hasattr(probe, "class_query_keys") else None
-        if query_keys is not None and query_keys[0].is_cuda:
-            from .class_attention_lambda import class_attention_lambda
-
+        if query_keys is not None:
+            # The class token's q and k: the fused lambda, the attention row never stored.
             q_cls, keys, scale, num_prefix_tokens = query_keys
             self._check_batch("the probe's captured attention", q_cls.shape[0])
             return class_attention_lambda(
                 q_cls, keys, token_mask, self.lam_area, scale=scale, num_prefix_tokens=num_prefix_tokens,
-                ratio=self.ratio,
+                ratio=self.ratio, impl=self.impl,
             )
         attention = probe.attention()
         self._check_batch("the probe's attention", attention.shape[0])
@@ -218,8 +222,7 @@ class TransMix:
         seed: int | None = None,
         impl: str = "auto",
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_positive_int("num_classes", num_classes)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mixup_alpha = self._non_negative("mixup_alpha", mixup_alpha)
@@ -262,11 +265,8 @@ class TransMix:
     def _pair(name: str, value):
         if value is None:
             return None
-        pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-        if (
-            not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
-        ):
+        pair = (value, value) if is_int(value) else value
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(v) and v >= 1 for v in pair):
             raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
         return tuple(pair)
 
@@ -303,14 +303,13 @@ class TransMix:
         if self.patch_size is not None:
             return height // self.patch_size[0], width // self.patch_size[1]
         if self.model is not None:
-            from .probe import infer_token_grid
-
             return tuple(infer_token_grid(self.model, (height, width)))
         return None
 
-    def _check_call(self, images, target):
+    def _check_call(self, images, target) -> str:
+        """All checks before any work; returns the paste backend."""
         check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
-        resolve_impl(self.impl, images.device)  # impl='triton' on CPU without the interpreter
+        backend = resolve_backend(self.impl, images.device, PASTE)  # impl='triton' needs a Triton device
         check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
         batch = images.shape[0]
         if target.shape[0] != batch:
@@ -320,12 +319,13 @@ class TransMix:
         if self.mode == "pair" and batch % 2:
             raise ValueError(f"mode='pair' needs an even batch size, got {batch}")
         check_index_range("target", target, 0, self.num_classes)
-        if not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
+        if not is_dense(images):
             raise ValueError("images must be contiguous or channels_last: TransMix mixes them in place")
+        return backend
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, MixState]:
         """Mix ``images`` (B, C, H, W) in place; ``target`` (B,) int64. Returns (images, MixState)."""
-        self._check_call(images, target)
+        backend = self._check_call(images, target)
         batch, _, height, width = images.shape
         grid = self._grid(height, width)
         if grid is not None and (grid[0] > height or grid[1] > width or min(grid) < 1):
@@ -340,7 +340,7 @@ class TransMix:
             lam, use_cutmix = self._draw(batch)
         # timm keeps one Python float (float64) per batch, a float32 per element or pair.
         lam = lam.astype(np.float64 if self.mode == "batch" else np.float32)
-        return images, self._mix(images, target, lam, use_cutmix, grid)
+        return images, self._mix(images, target, lam, use_cutmix, grid, backend)
 
     def _draw_boxes(self, lam: np.ndarray, height: int, width: int) -> np.ndarray:
         """(count, 4) int32 boxes on the host, timm's rand_bbox semantics (NumPy: cheap per call)."""
@@ -367,7 +367,7 @@ class TransMix:
             lam = np.where(use_cutmix, (1.0 - area / float(height * width)).astype(lam.dtype), lam)
         return boxes, lam
 
-    def _mix(self, images, target, lam: np.ndarray, use_cutmix: np.ndarray, grid) -> MixState:
+    def _mix(self, images, target, lam: np.ndarray, use_cutmix: np.ndarray, grid, backend: str) -> MixState:
         """Paste and blend with host-side parameters; bookkeeping stays in NumPy (cheap per call)."""
         batch, _, height, width = images.shape
         device = images.device
@@ -384,9 +384,7 @@ class TransMix:
             max_bh = int((boxes[:, 1] - boxes[:, 0]).max())
             max_bw = int((boxes[:, 3] - boxes[:, 2]).max())
             box_arg = boxes_dev[0] if self.mode == "batch" else boxes_dev
-            _, token_mask = _paste_dispatch(
-                self.backend, images, box_arg, partner, *(grid or (0, 0)), True, max_bh, max_bw
-            )
+            _, token_mask = run_paste(backend, images, box_arg, partner, *(grid or (0, 0)), True, max_bh, max_bw)
         if blended is not None:
             images[torch.from_numpy(np.flatnonzero(blend)).to(device)] = blended
         lam_dev = lam_t.to(device)
@@ -396,10 +394,6 @@ class TransMix:
             smoothing=self.label_smoothing, ratio=self.ratio, image_size=(height, width),
             token_grid=grid if token_mask is not None else None, token_mask=token_mask, impl=self.impl,
         )
-
-    @property
-    def backend(self) -> str:
-        return eager_backend(self.impl)
 
     def _blend(self, images, partner, lam, rows_mask):
         """Mixup rows, computed from the unmixed batch before any paste; written back after it."""

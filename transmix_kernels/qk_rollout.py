@@ -32,11 +32,18 @@ from ._utils import (
     FLOAT_DTYPES,
     HAS_TRITON,
     TRITON_INTERPRET,
+    OpKernels,
     block_size,
+    check_num_prefix_tokens,
     check_range,
+    check_scale,
     check_tensor,
-    dispatch_backend,
+    resolve_backend,
 )
+
+__all__ = ["QK_ROLLOUT", "rollout_from_qk"]
+
+QK_ROLLOUT = OpKernels("rollout_from_qk")
 
 if HAS_TRITON:
     import triton
@@ -231,6 +238,12 @@ def _rollout_torch(queries, keys, attn_bias, scale, residual, num_prefix_tokens,
     return patches / patches.sum(-1, keepdim=True)
 
 
+def _rollout_reference(queries, keys, attn_bias, scale, residual, num_prefix_tokens) -> torch.Tensor:
+    return reference.rollout_from_qk(
+        queries, keys, scale=scale, residual=residual, num_prefix_tokens=num_prefix_tokens, attn_bias=attn_bias
+    )
+
+
 @torch.library.custom_op("transmix::rollout_from_qk", mutates_args=())
 def _rollout_from_qk_op(
     queries: list[torch.Tensor], keys: list[torch.Tensor], attn_bias: list[Optional[torch.Tensor]],
@@ -296,15 +309,8 @@ def _check_blocks(queries, keys, attn_bias, scale, num_prefix_tokens) -> tuple[l
             if bias is not None:
                 target = (batch, queries[layer].shape[1], n_tokens, n_tokens)
                 _check_bias(f"attn_bias[{layer}]", bias, target, first.device)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
-        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
-    if not 0 <= num_prefix_tokens < n_tokens:
-        raise ValueError(
-            f"num_prefix_tokens must be in [0, {n_tokens}) so at least one patch token is left "
-            f"(the blocks have N = {n_tokens} tokens), got {num_prefix_tokens}"
-        )
+    check_scale(scale)
+    check_num_prefix_tokens(num_prefix_tokens, n_tokens, "each block")
     # One entry per block always: the registered op's schema has no optional list.
     return list(queries), list(keys), [None] * len(queries) if attn_bias is None else list(attn_bias)
 
@@ -341,18 +347,13 @@ def rollout_from_qk(
     """
     queries, keys, attn_bias = _check_blocks(queries, keys, attn_bias, scale, num_prefix_tokens)
     residual = check_range("residual", residual, 0.0, 1.0)
-    backend = dispatch_backend(impl, queries[0].device)
+    backend = resolve_backend(impl, queries[0].device, QK_ROLLOUT)
     # An attention map for labels or display: no gradient; detach() is a free view.
     queries = [q.detach() for q in queries]
     keys = [k.detach() for k in keys]
     attn_bias = [None if bias is None else bias.detach() for bias in attn_bias]
-    scale = float(scale)
-    if backend == "reference":
-        return reference.rollout_from_qk(
-            queries, keys, scale=scale, residual=residual, num_prefix_tokens=num_prefix_tokens, attn_bias=attn_bias
-        )
-    run = {"op": _rollout_from_qk_op, "triton": _rollout_triton, "torch": _rollout_torch}[backend]
-    return run(queries, keys, attn_bias, scale, residual, num_prefix_tokens)
+    kernel = {
+        "triton": _rollout_triton, "torch": _rollout_torch, "reference": _rollout_reference, "op": _rollout_from_qk_op,
+    }[backend]
+    return kernel(queries, keys, attn_bias, float(scale), residual, num_prefix_tokens)
 
-
-__all__ = ["rollout_from_qk"]

@@ -22,21 +22,32 @@ matrix from memory once (the CUDA kernel's second look at a block's rows hits L2
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from typing import Sequence
 
 import torch
 
 from . import _ext, reference
-from ._utils import FLOAT_DTYPES, IMPLS, check_range, check_tensor, dispatch_backend
+from ._utils import (
+    FLOAT_DTYPES,
+    IMPLS,
+    OpKernels,
+    auto_backend,
+    check_num_prefix_tokens,
+    check_range,
+    check_tensor,
+    resolve_backend,
+)
+
+__all__ = ["ROLLOUT", "attention_rollout"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
-ROLLOUT_IMPLS = tuple(impl for impl in IMPLS if impl != "triton")
-
-# Reasons already warned about: the fallback warns once per process, not once per call.
-_FALLBACK_WARNED: set[str] = set()
+ROLLOUT = OpKernels(
+    "attention_rollout",
+    triton=False,
+    extension="attention_rollout_row",
+    extension_devices=("cpu", "cuda"),
+    impls=tuple(impl for impl in IMPLS if impl != "triton"),
+)
 
 
 # --- PyTorch path ------------------------------------------------------------------------------
@@ -88,30 +99,7 @@ def _rollout_torch(
     return _rollout_row_torch(attentions, residual, head_fusion, num_prefix_tokens)
 
 
-# --- compiled extension, with the fallback -----------------------------------------------------
-
-
-def _caller_stacklevel() -> int:
-    """stacklevel of the first frame outside this package and torch (the custom op adds a
-    varying number of torch frames), so the warning names the user's line."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _warn_fallback(device: torch.device) -> None:
-    reason = _ext.unavailable_reason(device)
-    if reason in _FALLBACK_WARNED:
-        return
-    _FALLBACK_WARNED.add(reason)
-    warnings.warn(
-        f"{reason}; attention_rollout falls back to its PyTorch path (same results, slower). "
-        f"To get the compiled kernel, {_ext.BUILD_HINT}. This warning is shown once.",
-        RuntimeWarning,
-        stacklevel=_caller_stacklevel(),
-    )
+# --- compiled extension, reference, and the runner ----------------------------------------------
 
 
 def _rollout_extension(
@@ -125,14 +113,20 @@ def _rollout_extension(
     return module.attention_rollout_row(layers, float(residual), head_fusion, int(num_prefix_tokens))
 
 
-def _rollout_auto(
+def _rollout_reference(
     attentions: Sequence[torch.Tensor], residual: float, head_fusion: str, num_prefix_tokens: int, full: bool
 ) -> torch.Tensor:
-    device = attentions[0].device
-    if _ext.supports(device):
-        return _rollout_extension(attentions, residual, head_fusion, num_prefix_tokens, full)
-    _warn_fallback(device)
-    return _rollout_torch(attentions, residual, head_fusion, num_prefix_tokens, full)
+    return reference.attention_rollout(
+        attentions, residual=residual, head_fusion=head_fusion, num_prefix_tokens=num_prefix_tokens, full=full
+    )
+
+
+def _run_rollout(backend: str, attentions, residual, head_fusion, num_prefix_tokens, full) -> torch.Tensor:
+    kernel = {
+        "extension": _rollout_extension, "torch": _rollout_torch, "reference": _rollout_reference,
+        "op": _attention_rollout_op,
+    }[backend]
+    return kernel(attentions, residual, head_fusion, num_prefix_tokens, full)
 
 
 # --- torch.library registration ----------------------------------------------------------------
@@ -142,7 +136,8 @@ def _rollout_auto(
 def _attention_rollout_op(
     attentions: list[torch.Tensor], residual: float, head_fusion: str, num_prefix_tokens: int, full: bool
 ) -> torch.Tensor:
-    return _rollout_auto(attentions, residual, head_fusion, num_prefix_tokens, full)
+    backend = auto_backend(attentions[0].device, ROLLOUT)
+    return _run_rollout(backend, attentions, residual, head_fusion, num_prefix_tokens, full)
 
 
 @_attention_rollout_op.register_fake
@@ -155,14 +150,7 @@ def _(attentions, residual, head_fusion, num_prefix_tokens, full):
 # --- public function ---------------------------------------------------------------------------
 
 
-def _check_inputs(attentions, residual, head_fusion, num_prefix_tokens, full, impl) -> None:
-    if impl == "triton":
-        raise ValueError(
-            f"attention_rollout has no Triton kernel (impl='triton'); use impl in {ROLLOUT_IMPLS}: "
-            "'auto' runs the compiled C++/CUDA extension when built, else the PyTorch path"
-        )
-    if impl not in ROLLOUT_IMPLS:
-        raise ValueError(f"impl must be one of {ROLLOUT_IMPLS}, got {impl!r}")
+def _check_inputs(attentions, residual, head_fusion, num_prefix_tokens, full) -> None:
     if not isinstance(attentions, (list, tuple)):
         raise TypeError(
             f"attentions must be a list or tuple of (B, heads, N, N) tensors, got {type(attentions).__name__}"
@@ -186,11 +174,7 @@ def _check_inputs(attentions, residual, head_fusion, num_prefix_tokens, full, im
     check_range("residual", residual, 0.0, 1.0)
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
-        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
-    tokens = first.shape[-1]
-    if not 0 <= num_prefix_tokens < tokens:
-        raise ValueError(f"num_prefix_tokens must be in [0, N) = [0, {tokens}), got {num_prefix_tokens}")
+    check_num_prefix_tokens(num_prefix_tokens, first.shape[-1], "each attention")
     if not isinstance(full, bool):
         raise TypeError(f"full must be a bool, got {type(full).__name__}")
 
@@ -244,18 +228,8 @@ def attention_rollout(
         >>> amap = attention_rollout(attns)                                        # (8, 196)
         >>> amap.view(8, 14, 14)                                                   # on the patch grid
     """
-    _check_inputs(attentions, residual, head_fusion, num_prefix_tokens, full, impl)
+    _check_inputs(attentions, residual, head_fusion, num_prefix_tokens, full)
+    backend = resolve_backend(impl, attentions[0].device, ROLLOUT)
     # A statistic for label weights, not a training signal: no path records a graph.
     attentions = [attention.detach() for attention in attentions]
-    residual = float(residual)
-    backend = dispatch_backend(impl, attentions[0].device, eager="op")
-    if backend == "reference":
-        return reference.attention_rollout(
-            attentions, residual=residual, head_fusion=head_fusion, num_prefix_tokens=num_prefix_tokens, full=full
-        )
-    if backend == "torch":
-        return _rollout_torch(attentions, residual, head_fusion, num_prefix_tokens, full)
-    return _attention_rollout_op(attentions, residual, head_fusion, num_prefix_tokens, full)
-
-
-__all__ = ["attention_rollout"]
+    return _run_rollout(backend, attentions, float(residual), head_fusion, num_prefix_tokens, full)

@@ -22,20 +22,30 @@ from . import reference
 from ._utils import (
     HAS_TRITON,
     FLOAT_DTYPES,
+    OpKernels,
+    blend_lambda,
     block_size,
     check_batch,
     check_index_range,
     check_partner,
+    check_positive_int,
     check_range,
     check_tensor,
     check_unit_interval,
-    dispatch_backend,
+    resolve_backend,
 )
+
+__all__ = ["LAMBDA_TARGETS", "mix_targets", "run_lambda_targets", "transmix_lambda", "transmix_targets"]
+
+# transmix_lambda, mix_targets and transmix_targets share one op (transmix::lambda_targets).
+LAMBDA_TARGETS = OpKernels("transmix_lambda")
 
 
 if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
     import triton
     import triton.language as tl
+
+    from ._utils import blend_lambda_triton
 
     @triton.jit
     def _transmix_targets_kernel(
@@ -60,12 +70,7 @@ if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
                     a = tl.load(attn_ptr + b * a_b + h * a_h + n * a_n, mask=valid, other=0).to(tl.float32)
                     mass += a
                     outside += a * (1.0 - m)
-            total = tl.sum(mass, axis=0)
-            kept = tl.sum(outside, axis=0)
-            # No attention information (zero, inf or NaN mass): keep the area label.
-            usable = (total > 0) & (total < float("inf")) & (kept == kept) & (kept < float("inf"))
-            lam_attn = tl.where(usable, kept / tl.where(usable, total, 1.0), lam_area)
-            lam = ratio * lam_area + one_minus_ratio * lam_attn
+            lam = blend_lambda_triton(tl.sum(mass, axis=0), tl.sum(outside, axis=0), lam_area, ratio, one_minus_ratio)
             lam_self = lam
             lam_other = 1.0 - lam
         else:
@@ -131,10 +136,7 @@ def _lambda_torch(attn, token_mask, lam_area, ratio):
     a = attn.float() if attn.dim() == 3 else attn.float().unsqueeze(1)
     mass = a.sum((1, 2))
     kept = (a * (1.0 - token_mask.float()).unsqueeze(1)).sum((1, 2))
-    lam_area = lam_area.float()
-    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(kept)
-    lam_attn = torch.where(usable, kept / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
-    return ratio * lam_area + (1.0 - ratio) * lam_attn
+    return blend_lambda(mass, kept, lam_area.float(), ratio)
 
 
 def _targets_torch(target, lam_self, lam_other, partner, num_classes, smoothing):
@@ -187,27 +189,33 @@ def _(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
     return lam.new_empty((batch,), dtype=torch.float32), lam.new_empty((batch, width), dtype=torch.float32)
 
 
-def run_lambda_targets(backend, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
-    """Validated inputs -> (lam (B,) float32, targets (B, K) float32 or (B, 0)).
-
-    attn None: lam is given (targets only); target None: lambda only. backend: "op",
-    "triton", "torch", "reference", or "native" (what the op runs, without its dispatch cost:
-    TransMix calls this directly with tensors it made itself).
-    """
-    if backend == "native":
-        backend = "triton" if lam.is_cuda else "torch"
-    args = (attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
-    if backend == "triton":
-        return _run_triton(*args)
-    if backend == "torch":
-        return _run_torch(*args)
-    if backend == "op":
-        return _lambda_targets_op(*args)
+def _run_reference(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
     lam_out = lam.float() if attn is None else reference.transmix_lambda(attn, token_mask, lam, ratio=ratio)
     if target is None:
         return lam_out, lam_out.new_empty((lam.shape[0], 0))
     lam_for_targets = lam if attn is None else lam_out
     return lam_out, reference.mix_targets(target, lam_for_targets, num_classes, partner=partner, smoothing=smoothing)
+
+
+def run_lambda_targets(
+    backend: str,
+    attn: torch.Tensor | None,
+    token_mask: torch.Tensor | None,
+    lam: torch.Tensor,
+    target: torch.Tensor | None,
+    partner: torch.Tensor | None,
+    num_classes: int,
+    ratio: float,
+    smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated inputs -> (lam (B,) float32, targets (B, K) float32 or (B, 0)).
+
+    Package-internal: the public functions call it after their checks, MixState with tensors
+    TransMix made itself. attn None: lam is given (targets only); target None: lambda only.
+    backend: from ``resolve_backend(impl, device, LAMBDA_TARGETS)``.
+    """
+    kernel = {"triton": _run_triton, "torch": _run_torch, "reference": _run_reference, "op": _lambda_targets_op}[backend]
+    return kernel(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
 
 
 # ---------------------------------------------------------------- validation
@@ -230,8 +238,7 @@ def _check_attention(attn, token_mask, lam_area):
 
 
 def _check_targets(target, num_classes, partner, smoothing, device, batch):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_positive_int("num_classes", num_classes)
     check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=device)
     if target.shape[0] != batch:
         raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
@@ -265,7 +272,7 @@ def transmix_lambda(
     """
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
-    backend = dispatch_backend(impl, lam_area.device)
+    backend = resolve_backend(impl, lam_area.device, LAMBDA_TARGETS)
     lam, _ = run_lambda_targets(backend, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
     return lam
 
@@ -294,7 +301,7 @@ def mix_targets(
     check_tensor("lam", lam, ndim=1, dtypes=(torch.float32, torch.float64))
     partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
     check_unit_interval("lam", lam)
-    backend = dispatch_backend(impl, lam.device)
+    backend = resolve_backend(impl, lam.device, LAMBDA_TARGETS)
     _, targets = run_lambda_targets(backend, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
     return targets
 
@@ -319,7 +326,7 @@ def transmix_targets(
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     partner = _check_targets(target, num_classes, partner, smoothing, attn.device, attn.shape[0])
-    backend = dispatch_backend(impl, attn.device)
+    backend = resolve_backend(impl, attn.device, LAMBDA_TARGETS)
     lam, targets = run_lambda_targets(
         backend, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing)
     )

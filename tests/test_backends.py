@@ -1,0 +1,193 @@
+"""Backend choice: the one resolver, TransMix honouring its impl in every op it calls, and the one
+fallback policy for a missing compiled extension."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import assert_equal, device_for
+from tiny_models import IMAGE, _images, vit
+
+import transmix_kernels as tk
+from transmix_kernels import _ext
+from transmix_kernels._utils import TRITON_INTERPRET, resolve_backend
+from transmix_kernels.boxes import BOXES
+from transmix_kernels.cutmix_paste import PASTE
+from transmix_kernels.rollout import ROLLOUT
+from transmix_kernels.transmix_lambda import LAMBDA_TARGETS
+
+paste_module = sys.modules["transmix_kernels.cutmix_paste"]
+lambda_module = sys.modules["transmix_kernels.transmix_lambda"]
+class_attention_module = sys.modules["transmix_kernels.class_attention_lambda"]
+
+CPU = torch.device("cpu")
+
+
+# --- the resolver -------------------------------------------------------------------------------
+
+RESOLVED = {
+    # id: (impl, op, tracing, backend)
+    "auto-eager-lambda": ("auto", LAMBDA_TARGETS, False, "torch"),
+    "auto-tracing-lambda": ("auto", LAMBDA_TARGETS, True, "op"),
+    "auto-tracing-paste": ("auto", PASTE, True, "op"),
+    "auto-tracing-boxes-not-an-op": ("auto", BOXES, True, "torch"),
+    "torch-paste": ("torch", PASTE, False, "torch"),
+    "reference-paste": ("reference", PASTE, False, "reference"),
+    "reference-rollout": ("reference", ROLLOUT, False, "reference"),
+}
+
+
+@pytest.mark.parametrize("impl, op, tracing, backend", RESOLVED.values(), ids=RESOLVED.keys())
+def test_resolver(monkeypatch, impl, op, tracing, backend):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: tracing)
+    assert resolve_backend(impl, CPU, op) == backend
+
+
+@pytest.mark.parametrize("op", [PASTE, ROLLOUT], ids=["paste", "rollout"])
+def test_resolver_auto_prefers_the_extension_on_cpu(op):
+    want = "extension" if _ext.has_kernel(op.extension, CPU) else "torch"
+    assert resolve_backend("auto", CPU, op) == want
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="impl='triton' on CPU tensors needs the interpreter")
+def test_resolver_triton_without_a_kernel_runs_the_torch_path():
+    assert resolve_backend("triton", CPU, LAMBDA_TARGETS) == "triton"
+    assert resolve_backend("triton", CPU, BOXES) == "torch"
+
+
+@pytest.mark.parametrize("impl, op, match", [
+    ("triton", ROLLOUT, r"attention_rollout has no Triton kernel \(impl='triton'\); use impl in \('auto', 'torch'"),
+    ("cuda", PASTE, r"impl must be one of \('auto', 'triton', 'torch', 'reference'\), got 'cuda'"),
+    ("native", PASTE, r"impl must be one of"),
+    ("op", LAMBDA_TARGETS, r"impl must be one of"),
+], ids=["rollout-triton", "unknown", "native-is-internal", "op-is-internal"])
+def test_resolver_rejects(impl, op, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_backend(impl, CPU, op)
+
+
+# --- TransMix and MixState run the backend their impl names -------------------------------------
+
+SPIED = {
+    paste_module: ("_paste_inplace_triton", "_paste_inplace_extension", "_paste_inplace_torch",
+                   "_paste_inplace_reference", "_cutmix_paste_inplace_op"),
+    lambda_module: ("_run_triton", "_run_torch", "_run_reference", "_lambda_targets_op"),
+    class_attention_module: ("_class_attention_lambda_triton", "_class_attention_lambda_torch",
+                             "_class_attention_lambda_reference", "_class_attention_lambda_op"),
+}
+
+
+@pytest.fixture
+def ran(monkeypatch) -> list[str]:
+    """Names of the backend functions called, in order (each wraps the real one)."""
+    calls: list[str] = []
+
+    def spy(name, original):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for module, names in SPIED.items():
+        for name in names:
+            monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
+    return calls
+
+
+def expected_backend(impl: str, device: torch.device, op) -> str:
+    if impl == "auto":
+        return "extension" if device.type == "cpu" and op is PASTE and _ext.has_kernel(PASTE.extension, CPU) \
+            else ("triton" if device.type == "cuda" else "torch")
+    return impl
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton", "reference"])
+def test_transmix_honours_impl(seed, ran, impl):
+    device = device_for(impl)
+    if impl == "triton" and device.type == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("impl='triton' on CPU tensors needs the interpreter")
+    model = vit().to(device)
+    images = _images(IMAGE["vit"], batch=4).to(device)
+    labels = torch.randint(0, 5, (4,), device=device)
+    transmix = tk.TransMix(5, mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem", model=model, seed=0, impl=impl)
+    lam_backend = expected_backend(impl, device, LAMBDA_TARGETS)
+    run = {"triton": "_run_triton", "torch": "_run_torch", "reference": "_run_reference"}[lam_backend]
+
+    mixed, mix = transmix(images, labels)
+    assert ran == [f"_paste_inplace_{expected_backend(impl, device, PASTE)}"], "paste"
+    ran.clear()
+    mix.targets()
+    assert ran == [run], "area targets"
+    ran.clear()
+    mix.targets(torch.rand(4, 2, 36, device=device).softmax(-1))
+    assert ran == [run], "attention-tensor targets"
+    ran.clear()
+    with tk.ClassAttentionProbe(model) as probe:
+        model(mixed)
+        mix.targets(probe)
+    assert ran == [f"_class_attention_lambda_{lam_backend}", run], "probe targets"
+
+
+# --- one fallback policy for a missing extension --------------------------------------------------
+
+
+def _fallback_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "falls back" in str(w.message)]
+
+
+def test_missing_extension_warns_once_for_every_op(seed, missing_extension):
+    """The CPU paste and rollout fall back alike: one warning in all, naming the reason, the first
+    op and the caller's line; the results are the PyTorch path's."""
+    images = torch.randn(4, 3, 9, 11)
+    boxes = torch.tensor([[0, 9, 0, 11], [2, 2, 1, 5], [1, 6, 3, 10], [4, 9, 0, 3]], dtype=torch.int32)
+    attentions = [torch.rand(2, 3, 7, 7).softmax(-1) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed, token_mask = tk.cutmix_paste(images, boxes, token_grid=(3, 3))
+        tk.cutmix_paste(images.clone(), boxes, inplace=True)
+        tk.TransMix(5, mixup_alpha=0.0, mode="elem", seed=0)(images.clone(), torch.randint(0, 5, (4,)))
+        tk.attention_rollout(attentions)
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 1, messages
+    assert "simulated: no _C here" in messages[0] and "cutmix_paste falls back" in messages[0]
+    assert [w.filename for w in caught if "falls back" in str(w.message)] == [__file__], "should point at the caller"
+    want, want_mask = tk.cutmix_paste(images, boxes, token_grid=(3, 3), impl="torch")
+    assert_equal("mixed", mixed, want)
+    assert_equal("token_mask", token_mask, want_mask)
+
+
+class _ExtensionWithoutPaste:
+    """An extension built from sources older than the compiled CPU paste."""
+
+    @staticmethod
+    def build_info():
+        return {"built_with_cuda": False}
+
+    @staticmethod
+    def attention_rollout_row(*args):  # pragma: no cover - present only to be found
+        raise AssertionError("not called by this test")
+
+
+def test_extension_without_the_op_falls_back_with_the_reason(seed, monkeypatch):
+    monkeypatch.setattr(_ext, "_LOADED", _ext._Loaded(_ExtensionWithoutPaste, None))
+    monkeypatch.setattr(_ext, "_FALLBACK_WARNED", set())
+    images = torch.randn(2, 3, 5, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed, _ = tk.cutmix_paste(images, torch.tensor([1, 4, 0, 3]))
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 1 and "has no function cutmix_paste_cpu_" in messages[0], messages
+    assert_equal("mixed", mixed, tk.cutmix_paste(images, torch.tensor([1, 4, 0, 3]), impl="torch")[0])
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_explicit_impl_never_warns(seed, missing_extension, impl):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.cutmix_paste(torch.randn(2, 3, 5, 5), torch.tensor([1, 4, 0, 3]), impl=impl)
+        tk.TransMix(5, mixup_alpha=0.0, seed=0, impl=impl)(torch.randn(2, 3, 5, 5), torch.randint(0, 5, (2,)))
+        tk.attention_rollout([torch.rand(2, 3, 7, 7).softmax(-1)], impl=impl)
