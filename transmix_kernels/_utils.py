@@ -56,6 +56,7 @@ __all__ = [
     "flipped_partner",
     "is_dense",
     "is_int",
+    "is_number",
     "nearest_scale",
     "num_warps_for",
     "resolve_backend",
@@ -141,6 +142,11 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """A Python int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -149,7 +155,7 @@ def check_positive_int(name: str, value) -> int:
 
 def check_scale(scale) -> float:
     """The attention's logit scale: a positive finite Python number."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
+    if not is_number(scale) or not (0.0 < float(scale) < float("inf")):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
@@ -207,7 +213,7 @@ def check_batch(name: str, value: torch.Tensor, batch: int, dim: int = 0, like: 
 
 def check_range(name: str, value: float, low: float, high: float) -> float:
     """Closed-interval check of a Python number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (low <= float(value) <= high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")

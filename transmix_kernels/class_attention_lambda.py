@@ -362,6 +362,8 @@ def class_attention_lambda(
         num_prefix_tokens: class/distillation/register tokens before the patches (excluded from
             the attention share but part of the softmax).
         ratio: weight of lam_area in the blend (0.5 in the paper).
+        impl: "auto" (Triton on CUDA tensors, the PyTorch path on CPU tensors), "triton", "torch"
+            or "reference" (the plain twin in ``transmix_kernels.reference``).
 
     Returns:
         lam: (B,) float32 = ratio * lam_area + (1 - ratio) * lam_attn, with
@@ -408,6 +410,8 @@ def class_attention_row(
         k: (B, heads, N_total, D), same dtype (any strides).
         scale: the attention's logit scale.
         num_prefix_tokens: tokens before the patches; they take part in the softmax, then are dropped.
+        impl: "auto" (Triton on CUDA tensors, the PyTorch path on CPU tensors), "triton", "torch"
+            or "reference" (the plain twin in ``transmix_kernels.reference``).
 
     Returns:
         (B, N_total - num_prefix_tokens) float32 whose rows sum to 1: mean over heads of

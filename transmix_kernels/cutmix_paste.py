@@ -429,6 +429,8 @@ def cutmix_paste(
         token_grid: (gh, gw) of the model's patch tokens, or None for no token mask.
         inplace: write into ``images``, moving only the box regions (exactly the out-of-place
             result for any partner permutation and any overlap of boxes).
+        impl: "auto" (Triton on CUDA tensors; on CPU tensors the extension's compiled paste when it
+            is built, else the PyTorch path), "triton", "torch" or "reference".
 
     Returns:
         mixed: (B, C, H, W), same dtype and memory format (``images`` itself when inplace).

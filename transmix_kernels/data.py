@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["CLASSES", "make_shapes"]
+
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "bars", "stripes", "checker", "dots", "frame")
 
 

@@ -26,6 +26,7 @@ from ._utils import (
     flipped_partner,
     is_dense,
     is_int,
+    is_number,
     resolve_backend,
 )
 from .boxes import box_corners
@@ -257,7 +258,7 @@ class TransMix:
 
     @staticmethod
     def _non_negative(name: str, value: float) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        if not is_number(value) or not np.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         return float(value)
 

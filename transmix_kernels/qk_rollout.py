@@ -337,6 +337,8 @@ def rollout_from_qk(
             (token 0) is the row followed.
         attn_bias: None, or one entry per block: None or an additive logit bias broadcastable to
             (B, heads, N, N) (e.g. a relative position bias), added after scaling.
+        impl: "auto" (Triton on CUDA tensors, the PyTorch path on CPU tensors), "triton", "torch"
+            or "reference" (the plain twin in ``transmix_kernels.reference``).
 
     Returns:
         (B, N - num_prefix_tokens) float32: row 0 of A'_L ... A'_1 on the patch columns,

@@ -265,6 +265,8 @@ def transmix_lambda(
         token_mask: (B, N) float or bool, 1 where a patch token lies in the pasted box.
         lam_area: (B,) float32/float64, the share of each sample's own pixels.
         ratio: weight of lam_area (0.5 in the paper).
+        impl: "auto" (Triton on CUDA tensors, the PyTorch path on CPU tensors), "triton", "torch"
+            or "reference" (the plain twin in ``transmix_kernels.reference``).
 
     Returns:
         lam: (B,) float32. A row whose attention mass is zero or not finite has no attention
@@ -294,6 +296,8 @@ def mix_targets(
             Python-float lam bit for bit).
         partner: (B,) int64, default the flipped batch ``B-1-i``.
         smoothing: label smoothing s: off = s / K, on = 1 - s + off.
+        impl: "auto" (Triton on CUDA tensors, the PyTorch path on CPU tensors), "triton", "torch"
+            or "reference" (the plain twin in ``transmix_kernels.reference``).
 
     Returns:
         (B, num_classes) float32.
@@ -320,8 +324,18 @@ def transmix_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`transmix_lambda` and :func:`mix_targets` fused in one launch.
 
+    Args:
+        attn: (B, N) or (B, heads, N) class-to-patch attention, as for :func:`transmix_lambda`.
+        token_mask: (B, N) float or bool; lam_area: (B,) float32/float64.
+        target: (B,) int64 class indices; partner: (B,) int64, default ``B-1-i``.
+        ratio, smoothing, impl: as for :func:`transmix_lambda` and :func:`mix_targets`.
+
     Returns:
         targets: (B, num_classes) float32 and lam: (B,) float32.
+
+    Example::
+
+        targets, lam = tk.transmix_targets(attn, token_mask, lam_area, labels, 1000)
     """
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
