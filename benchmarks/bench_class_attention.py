@@ -1,15 +1,17 @@
 """Class attention from q and k (fused) against materialising the attention, at DeiT-S shapes.
 
-Groups (one per case and device), providers side by side:
+Groups (one per case and device), providers side by side (kinds as in conftest.PROVIDER_KINDS):
 
-* lambda: ``class_attention_lambda`` (fused: triton on CUDA, torch path everywhere) vs the row
-  softmax materialised then ``tk.transmix_lambda`` vs the official code's way (the full
-  (B, heads, N, N) attention matrix, row 0 taken) vs the reference twin.
-* row: ``class_attention_row`` vs the reference twin.
-* rollout (12 blocks): ``rollout_from_qk`` vs full matrices + ``tk.attention_rollout`` (when the
-  extension is built) vs the reference twin (matrix products).
+* lambda: ``class_attention_lambda`` (ours: fused Triton on CUDA, our torch path everywhere)
+  vs the same algorithm in plain PyTorch (the class row's softmax materialised, then
+  ``tk.transmix_lambda``; and the reference twin, the row in float32 then the reference lambda)
+  vs the official code's approach (the full (B, heads, N, N) attention matrix, row 0 taken).
+* row: ``class_attention_row`` vs the reference twin (same algorithm, plain PyTorch).
+* rollout (12 blocks): ``rollout_from_qk`` vs the naive approaches: every block's full
+  attention matrix materialised, then ``tk.attention_rollout`` (the extension's vector chain);
+  and the reference twin (full matrices multiplied as matrices, O(L N^3)).
 
-Run: ``python -m pytest benchmarks/bench_class_attention.py --benchmark-group-by=group``.
+Run: ``python -m pytest benchmarks/bench_class_attention.py --benchmark-only``.
 CUDA rows record peak memory in extra_info.
 """
 
@@ -21,7 +23,7 @@ import torch
 import transmix_kernels as tk
 from transmix_kernels import reference
 
-from conftest import bench_devices
+from conftest import bench_devices, record_cuda_peak, sync
 
 BATCH, HEADS, TOKENS, HEAD_DIM, BLOCKS = 64, 6, 197, 64, 12  # DeiT-S at 224 px
 SCALE = HEAD_DIM ** -0.5
@@ -40,87 +42,92 @@ def timm_qk(batch, device, dtype, seed=0):
     return q, k
 
 
+def full_attention(q, k):
+    """The (B, heads, N, N) probabilities a model on the naive softmax path materialises."""
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * SCALE, -1)
+
+
 def run(benchmark, fn, device, rounds):
+    device = torch.device(device)
+
     def call():
         out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return out
 
-    if device == "cuda":
-        call()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        call()
-        benchmark.extra_info["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    record_cuda_peak(benchmark, call, device)
     return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
-LAMBDA_PROVIDERS = ["fused-triton", "fused-torch", "row-softmax+transmix_lambda", "full-attention+transmix_lambda", "reference"]
+def fused_or_skip(provider, device):
+    """The impl of a fused provider ("fused-triton" -> "triton"); Triton is benchmarked on CUDA only."""
+    if provider == "fused-triton" and device != "cuda":
+        pytest.skip("Triton runs on CUDA only (the CPU interpreter is not a benchmark)")
+    return provider.split("-")[1]
+
+
+def lambda_fn(provider, q, k, token_mask, lam_area):
+    q_cls = q[:, :, 0]
+    if provider == "row-softmax+transmix_lambda":
+        def fn():
+            attn = torch.softmax(torch.matmul(q_cls.unsqueeze(2), k.transpose(-1, -2)).squeeze(2) * SCALE, -1)
+            return tk.transmix_lambda(attn[..., 1:], token_mask, lam_area)
+        return fn
+    if provider == "full-attention+transmix_lambda":
+        return lambda: tk.transmix_lambda(full_attention(q, k)[:, :, 0, 1:], token_mask, lam_area)
+    if provider == "reference-row":
+        return lambda: reference.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=SCALE)
+    impl = fused_or_skip(provider, str(q.device.type))
+    return lambda: tk.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=SCALE, impl=impl)
+
+
+LAMBDA_PROVIDERS = [
+    "fused-triton", "fused-torch", "row-softmax+transmix_lambda", "reference-row", "full-attention+transmix_lambda",
+]
 
 
 @pytest.mark.parametrize("provider", LAMBDA_PROVIDERS)
 @pytest.mark.parametrize("device,dtype", TARGETS, ids=TARGET_IDS)
-def test_lambda(benchmark, device, dtype, provider):
-    if provider == "fused-triton" and device != "cuda":
-        pytest.skip("Triton runs on CUDA only (the CPU interpreter is not a benchmark)")
+def test_lambda(benchmark, record, device, dtype, provider):
     q, k = timm_qk(BATCH, device, dtype)
-    q_cls = q[:, :, 0]
     token_mask = (torch.rand(BATCH, TOKENS - 1, device=device) < 0.4).float()
     lam_area = torch.rand(BATCH, device=device)
-    benchmark.group = f"lambda B{BATCH} H{HEADS} N{TOKENS} D{HEAD_DIM} {str(dtype)[6:]} {device}"
-    if provider.startswith("fused"):
-        impl = provider.split("-")[1]
-        fn = lambda: tk.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=SCALE, impl=impl)  # noqa: E731
-    elif provider == "row-softmax+transmix_lambda":
-        def fn():
-            attn = torch.softmax(torch.matmul(q_cls.unsqueeze(2), k.transpose(-1, -2)).squeeze(2) * SCALE, -1)
-            return tk.transmix_lambda(attn[..., 1:], token_mask, lam_area)
-    elif provider == "full-attention+transmix_lambda":
-        def fn():  # what the official code keeps: the whole attention matrix of the block
-            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * SCALE, -1)
-            return tk.transmix_lambda(attn[:, :, 0, 1:], token_mask, lam_area)
-    else:
-        fn = lambda: reference.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=SCALE)  # noqa: E731
+    fn = lambda_fn(provider, q, k, token_mask, lam_area)
+    record(f"lambda B{BATCH} H{HEADS} N{TOKENS} D{HEAD_DIM} {str(dtype)[6:]} {device}", provider, device)
     run(benchmark, fn, device, rounds=10)
 
 
-@pytest.mark.parametrize("provider", ["fused-triton", "fused-torch", "reference"])
+@pytest.mark.parametrize("provider", ["fused-triton", "fused-torch", "reference-row"])
 @pytest.mark.parametrize("device,dtype", TARGETS, ids=TARGET_IDS)
-def test_row(benchmark, device, dtype, provider):
-    if provider == "fused-triton" and device != "cuda":
-        pytest.skip("Triton runs on CUDA only")
+def test_row(benchmark, record, device, dtype, provider):
     q, k = timm_qk(BATCH, device, dtype)
     q_cls = q[:, :, 0]
-    benchmark.group = f"row B{BATCH} H{HEADS} N{TOKENS} D{HEAD_DIM} {str(dtype)[6:]} {device}"
-    if provider == "reference":
+    if provider == "reference-row":
         fn = lambda: reference.class_attention_row(q_cls, k, scale=SCALE)  # noqa: E731
     else:
-        impl = provider.split("-")[1]
+        impl = fused_or_skip(provider, device)
         fn = lambda: tk.class_attention_row(q_cls, k, scale=SCALE, impl=impl)  # noqa: E731
+    record(f"row B{BATCH} H{HEADS} N{TOKENS} D{HEAD_DIM} {str(dtype)[6:]} {device}", provider, device)
     run(benchmark, fn, device, rounds=10)
 
 
-@pytest.mark.parametrize("provider", ["fused-triton", "fused-torch", "attention_rollout", "reference"])
+ROLLOUT_PROVIDERS = ["fused-triton", "fused-torch", "full-attention+attention_rollout", "reference-full-matrices"]
+
+
+@pytest.mark.parametrize("provider", ROLLOUT_PROVIDERS)
 @pytest.mark.parametrize("device,dtype", TARGETS, ids=TARGET_IDS)
-def test_rollout(benchmark, device, dtype, provider):
-    if provider == "fused-triton" and device != "cuda":
-        pytest.skip("Triton runs on CUDA only")
-    if provider == "attention_rollout" and not hasattr(tk, "attention_rollout"):
-        pytest.skip("tk.attention_rollout (C++ extension) not available")
+def test_rollout(benchmark, record, device, dtype, provider):
     # The CPU reference multiplies 12 (N x N) matrices per sample: a small batch keeps it short.
     batch = BATCH if device == "cuda" else 8
     pairs = [timm_qk(batch, device, dtype, seed=layer) for layer in range(BLOCKS)]
     queries, keys = [q for q, _ in pairs], [k for _, k in pairs]
-    benchmark.group = f"rollout L{BLOCKS} B{batch} H{HEADS} N{TOKENS} D{HEAD_DIM} {str(dtype)[6:]} {device}"
-    if provider.startswith("fused"):
-        impl = provider.split("-")[1]
-        fn = lambda: tk.rollout_from_qk(queries, keys, scale=SCALE, impl=impl)  # noqa: E731
-    elif provider == "attention_rollout":
-        def fn():  # the attention matrices a naive model would have kept, then the extension op
-            attns = [torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * SCALE, -1) for q, k in zip(queries, keys)]
-            return tk.attention_rollout(attns, residual=0.5)
-    else:
+    if provider == "full-attention+attention_rollout":
+        def fn():  # the attention matrices a naive model would have kept, then the rollout op
+            return tk.attention_rollout([full_attention(q, k) for q, k in pairs], residual=0.5)
+    elif provider == "reference-full-matrices":
         fn = lambda: reference.rollout_from_qk(queries, keys, scale=SCALE)  # noqa: E731
+    else:
+        impl = fused_or_skip(provider, device)
+        fn = lambda: tk.rollout_from_qk(queries, keys, scale=SCALE, impl=impl)  # noqa: E731
+    record(f"rollout L{BLOCKS} B{batch} H{HEADS} N{TOKENS} D{HEAD_DIM} {str(dtype)[6:]} {device}", provider, device)
     run(benchmark, fn, device, rounds=5 if device == "cpu" else 20)

@@ -2,12 +2,13 @@
 
 Providers side by side per (dtype, device):
 
-* extension: ``tk.attention_rollout`` with the compiled C++/CUDA kernel (the vector chain
+* extension (ours): ``tk.attention_rollout`` with the compiled C++/CUDA kernel (the vector chain
   e_0 @ A'_L @ ... @ A'_1, heads fused, residual and renormalisation in the same read);
-* torch-vector-chain: ``impl="torch"``, the same chain in vectorised PyTorch (head mean, bmv);
-* naive-chained-bmm: ``reference.attention_rollout``, the full (B, N, N) product built block by
-  block with bmm, then its class row (what Abnar & Zuidema's code and most ViT-explainability
-  repositories do).
+* torch-vector-chain (same algorithm, plain PyTorch): ``impl="torch"``, the same chain in
+  vectorised PyTorch (head mean, bmv): the strongest baseline;
+* naive-chained-bmm (naive approach, O(L N^3)): ``reference.attention_rollout``, the full
+  (B, N, N) product built block by block with bmm, then its class row (what Abnar & Zuidema's
+  code and most ViT-explainability repositories do).
 
 Run: ``pytest benchmarks/bench_rollout.py --benchmark-only``. CUDA rows record the peak extra
 memory in extra_info.
@@ -21,7 +22,7 @@ import torch
 import transmix_kernels as tk
 from transmix_kernels import _ext, reference
 
-from conftest import bench_devices, sync
+from conftest import bench_devices, record_cuda_peak, sync
 
 BATCH, HEADS, TOKENS, BLOCKS = 8, 6, 197, 12
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,7 +52,7 @@ def test_rollout_row(benchmark, record, provider, dtype, device):
         pytest.skip(f"transmix_kernels._C not built for {device.type}: {_ext.unavailable_reason(device)}")
     attentions = _attentions(device, dtype)
     dtype_name = str(dtype).replace("torch.", "")
-    record(f"rollout-row B{BATCH}-h{HEADS}-N{TOKENS}-L{BLOCKS} {dtype_name} {device.type}", provider)
+    record(f"rollout-row B{BATCH}-h{HEADS}-N{TOKENS}-L{BLOCKS} {dtype_name} {device.type}", provider, device)
     fn = _provider(provider)
 
     def run():
@@ -59,13 +60,6 @@ def test_rollout_row(benchmark, record, provider, dtype, device):
         sync(device)
         return out
 
-    if device.type == "cuda":
-        run()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        benchmark.extra_info["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    benchmark.extra_info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    benchmark.extra_info["threads"] = torch.get_num_threads()
+    record_cuda_peak(benchmark, run, device)
     rounds = 50 if device.type == "cuda" else (8 if provider == "naive-chained-bmm" else 20)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
