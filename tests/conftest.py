@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -65,17 +66,23 @@ def missing_extension(monkeypatch):
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0) -> None:
     """allclose with a message naming the tensor, the worst element, its index and the failing share.
 
-    NaN never passes, except where both are NaN at the same place (never in our outputs).
+    |actual - expected| <= atol + rtol * |expected| where expected is finite. A non-finite element
+    on either side passes only on exact equality (equal infinities, or NaN at the same place in
+    both, which never happens in our outputs): NaN against a number fails, and so does any
+    number against NaN or an infinity, whatever the tolerances.
     """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     err = (a - e).abs()
-    err = torch.where(torch.isnan(a) | torch.isnan(e), torch.full_like(err, float("inf")), err)
-    bound = atol + rtol * e.abs()
-    bad = err > bound
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    excess = err - (atol + rtol * e.abs())
+    bad = ~same & (~finite | (excess > 0))
     if bool(bad.any()):
-        flat = int(torch.argmax(torch.where(bad, err - bound, torch.full_like(err, -1.0))))
+        # Non-finite mismatches rank worst; NaN scores would break argmax.
+        score = torch.where(bad, torch.nan_to_num(torch.where(finite, excess, math.inf), posinf=math.inf), -1.0)
+        flat = int(torch.argmax(score))
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
         share = float(bad.double().mean())
         raise AssertionError(
