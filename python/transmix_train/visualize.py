@@ -36,9 +36,13 @@ __all__ = [
     "build_parser",
     "compute_figure",
     "draw_figure",
+    "Selection",
     "load_images",
     "load_model",
     "main",
+    "read_run",
+    "rebuild_model",
+    "select_images",
 ]
 
 
@@ -160,33 +164,45 @@ def _num_classes(arch: str, state_dict: dict, path: str) -> int:
     return int(weight.shape[0])
 
 
-def load_model(path: str, *, use_ema: bool = False) -> tuple[torch.nn.Module, argparse.Namespace, str]:
-    """Rebuild a ``transmix-train`` checkpoint's model (its ``arch`` and ``args``) in eval mode.
-
-    Returns the model, the run's config and a one-line title (model, epoch, data).
-    """
+def read_run(path: str) -> tuple[dict, argparse.Namespace]:
+    """A ``transmix-train`` checkpoint and its run's config (``ValueError`` naming --checkpoint)."""
     from .checkpoint import read_checkpoint
-    from .model import build_model
 
     checkpoint = read_checkpoint(path, "--checkpoint")
     arch = checkpoint.get("arch")
     if not arch:
         raise ValueError(f"--checkpoint {path}: the checkpoint names no 'arch' (expected a transmix-train checkpoint)")
+    config = _train_config(checkpoint)
+    config.model = arch
+    return checkpoint, config
+
+
+def rebuild_model(checkpoint: dict, config: argparse.Namespace, path: str, *, use_ema: bool = False):
+    """The checkpoint's model rebuilt from its config by the trainer's ``build_model``, weights
+    loaded, in eval mode; returns (model, a one-line title: model, epoch, data)."""
+    from .model import build_model
+
     state = checkpoint["state_dict"]
     if use_ema:
         if "state_dict_ema" not in checkpoint:
             raise ValueError(f"--use-ema: the checkpoint {path} holds no EMA weights (train with --model-ema)")
         state = checkpoint["state_dict_ema"]
-    config = _train_config(checkpoint)
-    config.model = arch
-    model = build_model(config, _num_classes(arch, state, path))
+    model = build_model(config, _num_classes(config.model, state, path))
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"--checkpoint {path}: its weights do not fit {arch} rebuilt from its args: {error}") from None
+        raise ValueError(f"--checkpoint {path}: its weights do not fit {config.model} rebuilt from its args: "
+                         f"{error}") from None
     epoch = checkpoint.get("epoch")
-    title = f"{arch}{'' if epoch is None else f' after epoch {int(epoch) + 1}'}, data {config.data}"
-    return model.eval(), config, title
+    title = f"{config.model}{'' if epoch is None else f' after epoch {int(epoch) + 1}'}, data {config.data}"
+    return model.eval(), title
+
+
+def load_model(path: str, *, use_ema: bool = False) -> tuple[torch.nn.Module, argparse.Namespace, str]:
+    """Rebuild a ``transmix-train`` checkpoint's model; returns (model, run config, title)."""
+    checkpoint, config = read_run(path)
+    model, title = rebuild_model(checkpoint, config, path, use_ema=use_ema)
+    return model, config, title
 
 
 def _datasets(config: argparse.Namespace, need: bool):
@@ -267,7 +283,27 @@ def _as_pil(image):
     return image if isinstance(image, Image.Image) else Image.fromarray(image.transpose(1, 2, 0))
 
 
-def load_images(args: argparse.Namespace, config: argparse.Namespace, model: torch.nn.Module) -> FigureImages:
+@dataclass
+class Selection:
+    """Where A and B come from: the run's data sets (None when only files are used and the
+    run's data folder is not on this machine) and the val indices (None for a file)."""
+
+    train_set: object
+    val_set: object
+    indices: tuple[int | None, int | None]
+
+
+def select_images(args: argparse.Namespace, config: argparse.Namespace) -> Selection:
+    """The run's data sets and the val indices of A and B (range-checked, before any model is built)."""
+    sets = _datasets(config, need=None in (args.image_a, args.image_b))
+    train_set, val_set = sets if sets is not None else (None, None)
+    if val_set is not None:
+        val_set.transform = None  # raw PIL images: the eval transform of load_images is the only one
+    return Selection(train_set, val_set, _pick_indices(args, val_set, config.data))
+
+
+def load_images(args: argparse.Namespace, config: argparse.Namespace, model: torch.nn.Module,
+                selection: Selection | None = None) -> FigureImages:
     """Images A and B (files or val samples of the run's data), resized, centre-cropped and
     normalised as the run evaluated them."""
     from PIL import Image
@@ -275,19 +311,15 @@ def load_images(args: argparse.Namespace, config: argparse.Namespace, model: tor
 
     from .data import data_settings
 
-    files = (args.image_a, args.image_b)
-    sets = _datasets(config, need=None in files)
-    train_set, val_set = sets if sets is not None else (None, None)
-    if val_set is not None:
-        val_set.transform = None  # raw PIL images: the eval transform below is the only one
-    settings = data_settings(config, train_set, model)
+    selection = selection or select_images(args, config)
+    val_set, files = selection.val_set, (args.image_a, args.image_b)
+    settings = data_settings(config, selection.train_set, model)
     transform = create_transform(
         settings.input_size, is_training=False, interpolation=settings.interpolation,
         mean=settings.mean, std=settings.std, crop_pct=settings.crop_pct,
     )
-    indices = _pick_indices(args, val_set, config.data)
     pictures, labels, captions = [], [], []
-    for file, index, label in zip(files, indices, (args.label_a, args.label_b)):
+    for file, index, label in zip(files, selection.indices, (args.label_a, args.label_b)):
         if file is not None:
             try:
                 picture = Image.open(file).convert("RGB")
@@ -453,8 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
-        model, config, title = load_model(args.checkpoint, use_ema=args.use_ema)
-        images = load_images(args, config, model)
+        checkpoint, config = read_run(args.checkpoint)
+        selection = select_images(args, config)  # bad indices fail before the model is built
+        model, title = rebuild_model(checkpoint, config, args.checkpoint, use_ema=args.use_ema)
+        images = load_images(args, config, model, selection)
     except ValueError as error:
         parser.error(str(error))
     figure = compute_figure(model, images.images, lam=args.lam, seed=args.seed, ratio=args.ratio, source=args.source)
