@@ -5,8 +5,9 @@
 #   bash benchmarks/run_cpu.sh                       # -> benchmarks/results/<date>-cpu-<N>core-<commit>/
 #   RUNS=5 DEST=/tmp/b bash benchmarks/run_cpu.sh -k cutmix_step   # extra args go to pytest
 #
-# Expected on the 2-core development VM (idle): about 6 minutes a run, compiled train steps
-# included (the first run also compiles DeiT-S three times: add about 3 minutes).
+# Expected on the 2-core development VM when idle (estimated from its parts): about 3 minutes a
+# run; the first run also compiles DeiT-S three times (about 40 s each; later runs hit
+# inductor's cache). Under load the compiled steps slow down far more than the eager ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -17,7 +18,8 @@ mkdir -p "$DEST"
 load() {
   echo "== $1 ($(date -u +%FT%TZ))"
   uptime
-  top -bn1 | sed -n '1,5p;7,14p'
+  vmstat 1 2 | sed -n '1,2p;4p'          # the second sample: CPU use over the last second
+  top -bn1 | sed -n '7,14p'
 }
 
 {
