@@ -63,6 +63,18 @@ def missing_extension(monkeypatch):
     monkeypatch.setattr(_ext, "_FALLBACK_WARNED", set())
 
 
+def lambda_fp64(attn: torch.Tensor, token_mask: torch.Tensor, lam_area: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The rule in float64: lam_attn = sum a (1 - m) / sum a (lam_area where the mass is unusable)."""
+    a = attn.double()
+    a = a.mean(1) if a.dim() == 3 else a
+    m = token_mask.double()
+    outside, mass = (a * (1 - m)).sum(1), a.sum(1)
+    lam_area = lam_area.double()
+    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(outside)
+    lam_attn = torch.where(usable, outside / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
+    return ratio * lam_area + (1 - ratio) * lam_attn
+
+
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0) -> None:
     """allclose with a message naming the tensor, the worst element, its index and the failing share.
 

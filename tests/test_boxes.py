@@ -4,10 +4,13 @@ The box positions come from ``draw_box_randoms`` (uniform float64 draws from a t
 Against timm the test feeds those same draws to timm's own functions by replacing
 ``np.random.randint(low, high)`` with ``low + int(u * (high - low))``: the integer our code
 derives from u. Boxes and lam must then agree exactly, for timm's float64 per-batch lam and for
-its float32 per-element lam.
+its float32 per-element lam. There is one vectorised path (every impl but "reference" runs it) and
+the per-sample reference twin.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +21,7 @@ from hypothesis import given, settings, strategies as st
 import transmix_kernels as tk
 from conftest import assert_equal
 from transmix_kernels import reference
-from transmix_kernels._utils import TRITON_INTERPRET
-from transmix_kernels._utils import draw_box_randoms
+from transmix_kernels._utils import TRITON_INTERPRET, draw_box_randoms
 
 SIZES = {"13x17": (13, 17), "9x31": (9, 31), "224x224": (224, 224), "2x5": (2, 5)}
 LAM_DTYPES = {"lam-f64": torch.float64, "lam-f32": torch.float32}
@@ -67,23 +69,43 @@ def timm_boxes(monkeypatch, lam, height, width, draws, *, minmax, correct_lam):
 @pytest.mark.parametrize("minmax", MINMAX.values(), ids=MINMAX.keys())
 @pytest.mark.parametrize("lam_dtype", LAM_DTYPES.values(), ids=LAM_DTYPES.keys())
 @pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
-def test_fast_paths_match_reference(seed, device, size, lam_dtype, minmax):
+def test_vectorised_path_matches_reference(seed, device, size, lam_dtype, minmax):
     height, width = size
     lam = make_lam(37, lam_dtype).to(device)
-    impls = ("auto", "torch") + (("triton",) if device.type == "cuda" or TRITON_INTERPRET else ())
     for correct_lam in (True, False):
         want_boxes, want_lam = reference.sample_boxes(
             lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator(seed, device)
         )
-        for impl in impls:
-            boxes, lam_area = tk.sample_boxes(
-                lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator(seed, device),
-                impl=impl,
-            )
-            assert boxes.device == lam.device
-            assert boxes.dtype == torch.int32 and boxes.shape == (37, 4)
-            assert_equal(f"boxes[{impl}, correct_lam={correct_lam}]", boxes, want_boxes)
-            assert_equal(f"lam_area[{impl}, correct_lam={correct_lam}]", lam_area, want_lam)
+        boxes, lam_area = tk.sample_boxes(
+            lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator(seed, device), impl="torch"
+        )
+        assert boxes.device == lam.device
+        assert boxes.dtype == torch.int32 and boxes.shape == (37, 4)
+        assert_equal(f"boxes[correct_lam={correct_lam}]", boxes, want_boxes)
+        assert_equal(f"lam_area[correct_lam={correct_lam}]", lam_area, want_lam)
+
+
+def test_every_impl_but_reference_runs_the_one_vectorised_path(seed, monkeypatch):
+    """sample_boxes has no Triton kernel: "auto", "torch" and "triton" all run _boxes_torch (as its
+    docstring says), "reference" the per-sample twin."""
+    boxes_module = sys.modules["transmix_kernels.boxes"]
+    ran: list[str] = []
+    vectorised, twin = boxes_module._boxes_torch, reference.sample_boxes
+
+    def spy_vectorised(*args):
+        ran.append("vectorised")
+        return vectorised(*args)
+
+    def spy_twin(*args, **kwargs):
+        ran.append("reference")
+        return twin(*args, **kwargs)
+
+    monkeypatch.setattr(boxes_module, "_boxes_torch", spy_vectorised)
+    monkeypatch.setattr(reference, "sample_boxes", spy_twin)
+    impls = ("auto", "torch", "reference") + (("triton",) if TRITON_INTERPRET else ())
+    for impl in impls:
+        tk.sample_boxes(torch.rand(5), 13, 17, impl=impl)
+    assert ran == ["reference" if impl == "reference" else "vectorised" for impl in impls]
 
 
 @pytest.mark.parametrize("minmax", MINMAX.values(), ids=MINMAX.keys())

@@ -1,7 +1,7 @@
 """class_attention_lambda / class_attention_row: the class row recomputed from q and k.
 
 Expected values come from materialising softmax(q k^T * scale) in float64 from the very same
-(possibly bf16/fp16) input values, then reference.transmix_lambda. All our paths compute in fp32
+(possibly bf16/fp16) input values, then the lambda formula, still in float64. All our paths compute in fp32
 whatever the input dtype, so one tight tolerance holds for every dtype; for bf16/fp16 inputs the
 tests also check the STYLE rule (error at most 2x what plain PyTorch makes at that precision).
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import transmix_kernels as tk
-from conftest import assert_close
+from conftest import assert_close, lambda_fp64
 from transmix_kernels import reference
 from transmix_kernels._utils import TRITON_INTERPRET
 
@@ -62,8 +62,9 @@ def probs_fp64(q_cls, k, scale, prefix):
     return torch.softmax(logits, -1)[..., prefix:]
 
 
-def lambda_fp64(q_cls, k, token_mask, lam_area, scale, prefix, ratio=0.5):
-    return reference.transmix_lambda(probs_fp64(q_cls, k, scale, prefix), token_mask, lam_area, ratio=ratio)
+def class_lambda_fp64(q_cls, k, token_mask, lam_area, scale, prefix, ratio=0.5):
+    """lam in float64 end to end (reference.transmix_lambda would round to float32)."""
+    return lambda_fp64(probs_fp64(q_cls, k, scale, prefix), token_mask, lam_area, ratio)
 
 
 def row_fp64(q_cls, k, scale, prefix):
@@ -88,7 +89,7 @@ def test_lambda_matches_materialised_softmax(seed, device, poison_empty, impl, d
     scale = head_dim ** -0.5
     lam = tk.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=scale, num_prefix_tokens=prefix, impl=impl)
     assert lam.dtype == torch.float32 and lam.shape == (batch,)
-    expected = lambda_fp64(q_cls, k, token_mask, lam_area, scale, prefix)
+    expected = class_lambda_fp64(q_cls, k, token_mask, lam_area, scale, prefix)
     assert_close("lam", lam, expected, atol=ATOL)
     if dtype != torch.float32:
         plain_err = (plain_lowp_lambda(q_cls, k, token_mask, lam_area, scale, prefix).double() - expected.double()).abs().max()
@@ -132,7 +133,7 @@ def test_empty_full_and_bool_masks(seed, device, impl, mask_kind):
     lam_area = torch.rand(batch, device=device)
     if mask_kind == "bool":
         token_mask = torch.rand(batch, n_total - 1, device=device) < 0.5
-        expected = lambda_fp64(q_cls, k, token_mask.float(), lam_area, 0.25, 1, ratio)
+        expected = class_lambda_fp64(q_cls, k, token_mask.float(), lam_area, 0.25, 1, ratio)
     else:
         token_mask = torch.full((batch, n_total - 1), 0.0 if mask_kind == "empty" else 1.0, device=device)
         lam_attn = 1.0 if mask_kind == "empty" else 0.0  # every patch outside / inside the box
@@ -152,7 +153,7 @@ def test_huge_logits_are_stable(seed, device, impl):
     token_mask, lam_area = make_mask_lam(batch, n_total - 1, device)
     scale = 0.125  # logits up to 3200, gaps of 0.125 or more
     lam = tk.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=scale, impl=impl)
-    assert_close("lam", lam, lambda_fp64(q_cls, k, token_mask, lam_area, scale, 1), atol=ATOL)
+    assert_close("lam", lam, class_lambda_fp64(q_cls, k, token_mask, lam_area, scale, 1), atol=ATOL)
     row = tk.class_attention_row(q_cls, k, scale=scale, impl=impl)
     assert_close("row", row, row_fp64(q_cls, k, scale, 1), atol=1e-7, rtol=2e-6)
 
@@ -169,7 +170,7 @@ def test_fallback_to_area_when_patch_mass_vanishes_or_is_nan(seed, device, impl)
     k[1, 1, 7, 3] = float("nan")  # sample 1: a NaN key poisons its row
     token_mask, lam_area = make_mask_lam(batch, n_total - 1, device)
     lam = tk.class_attention_lambda(q_cls, k, token_mask, lam_area, scale=0.25, ratio=0.5, impl=impl)
-    expected = lambda_fp64(q_cls, k, token_mask, lam_area, 0.25, 1)
+    expected = class_lambda_fp64(q_cls, k, token_mask, lam_area, 0.25, 1)
     assert_close("lam[:2] (area fallback)", lam[:2], lam_area[:2], atol=0)
     assert_close("lam", lam, expected, atol=ATOL)
 

@@ -15,7 +15,7 @@ import torch
 from timm.data.mixup import mixup_target
 
 import transmix_kernels as tk
-from conftest import assert_close, assert_equal
+from conftest import assert_close, assert_equal, lambda_fp64
 from transmix_kernels import reference
 from transmix_kernels._utils import TRITON_INTERPRET
 
@@ -47,18 +47,6 @@ def make_token_mask(batch, gh, gw, mask_kind, attn_dtype, device="cpu"):
     boxes[1] = torch.tensor([2, 2, 0, width])  # empty
     _, mask = reference.cutmix_paste(torch.randn(batch, 1, height, width), boxes, token_grid=(gh, gw))
     return {"float32": mask, "bool": mask > 0.5, "attn-dtype": mask.to(attn_dtype)}[mask_kind].to(device)
-
-
-def lambda_fp64(attn, token_mask, lam_area, ratio):
-    """The rule in float64: lam_attn = sum a (1 - m) / sum a (lam_area where the mass is unusable)."""
-    a = attn.double()
-    a = a.mean(1) if a.dim() == 3 else a
-    m = token_mask.double()
-    outside, mass = (a * (1 - m)).sum(1), a.sum(1)
-    lam_area = lam_area.double()
-    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(outside)
-    lam_attn = torch.where(usable, outside / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
-    return ratio * lam_area + (1 - ratio) * lam_attn
 
 
 def targets_fp64(target, lam, num_classes, partner, smoothing):
