@@ -152,11 +152,14 @@ def attach_probe(module: nn.Module, args: argparse.Namespace, uses_attention: bo
         return module, tk.ClassAttentionProbe(module, source=args.attn_source)
     compiled = torch.compile(module, backend=args.compile_backend)
     try:
-        return compiled, tk.ClassAttentionProbe(compiled, source=args.attn_source)
+        probe = tk.ClassAttentionProbe(compiled, source=args.attn_source)
+        log(f"--compile: the whole model ({args.compile_backend}), probe attached through the wrapper")
+        return compiled, probe
     except TypeError:
         probe = tk.ClassAttentionProbe(module, source=args.attn_source)
         count = _compile_unhooked(module, args.compile_backend)
-        log(f"--compile: the probe needs its blocks eager; compiled {count} other blocks in place")
+        log(f"--compile: the probe needs its blocks eager; compiled {count} other blocks in place "
+            f"({args.compile_backend})")
         return module, probe
 
 
