@@ -19,7 +19,8 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
   plain resize), ``--crop-scale``, ``--crop-ratio``, ``--hflip``, ``--vflip``, ``--color-jitter``,
   ``--aa`` (RandAugment string or ``none``), ``--reprob`` / ``--remode`` / ``--recount``
   (random erasing), ``--interpolation``, ``--crop-pct`` (eval), ``--mean`` / ``--std``
-- mixing: ``--mix`` (none | mixup | cutmix | transmix), ``--mixup``, ``--cutmix``,
+- mixing: ``--mix`` (none | mixup | cutmix | transmix | saliencymix | attentive_cutmix | puzzlemix),
+  ``--attentive-checkpoint``, ``--attentive-topk``, ``--mixup``, ``--cutmix``,
   ``--cutmix-minmax``, ``--mixup-prob``, ``--mixup-switch-prob``, ``--mixup-mode``
   (batch | pair | elem), ``--smoothing``, ``--attn-source`` (last | rollout | block index),
   ``--transmix-ratio`` (weight of the area lam)
@@ -174,7 +175,11 @@ def _add_mixing(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mixing")
     group.add_argument("--mix", default="transmix", choices=MIX_CHOICES,
                        help="none; mixup (Mixup only); cutmix (timm's Mixup/CutMix switch, area labels); "
-                            "transmix (the same draws, CutMix labels re-weighted by attention)")
+                            "transmix (the same draws, CutMix labels re-weighted by attention); saliencymix, "
+                            "attentive_cutmix, puzzlemix (the compared variants in CutMix's place)")
+    group.add_argument("--attentive-checkpoint", default=None, metavar="CKPT",
+                       help="attentive_cutmix: the frozen CNN (a transmix-train checkpoint of a timm CNN)")
+    group.add_argument("--attentive-topk", type=int, default=6, help="attentive_cutmix: cells of 7x7 pasted")
     group.add_argument("--mixup", type=float, default=0.8, help="Mixup beta alpha (0: CutMix only)")
     group.add_argument("--cutmix", type=float, default=1.0, help="CutMix beta alpha")
     group.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),

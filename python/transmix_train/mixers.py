@@ -6,8 +6,8 @@ Every mixer has TransMix's interface::
     targets = state.targets(probe)             # (B, K) float32 soft targets; probe may be None
 
 and ``uses_attention`` says whether the training step should attach a ``ClassAttentionProbe``.
-A new mixer (saliencymix, attentive_cutmix, puzzlemix, ...) is one function added to
-:data:`MIXERS`.
+A new mixer is one function added to :data:`MIXERS`. The compared variants (saliencymix,
+attentive_cutmix, puzzlemix) live in ``mix_saliency.py``, ``mix_attentive.py`` and ``mix_puzzle.py``.
 """
 
 from __future__ import annotations
@@ -86,12 +86,54 @@ def _transmix_mixing(args, num_classes, model, seed) -> Mixing:
                   name="transmix")
 
 
+def _switched(args, seed) -> dict:
+    """The Mixup/method switch of the compared variants (one draw per batch, as mode batch)."""
+    if args.mixup_mode != "batch" or args.cutmix_minmax:
+        raise ValueError(f"--mix {args.mix}: draws one lam per batch; needs --mixup-mode batch and no --cutmix-minmax")
+    return dict(mixup_alpha=args.mixup, switch_prob=args.mixup_switch_prob, prob=args.mixup_prob,
+                label_smoothing=args.smoothing, seed=seed)
+
+
+def _saliencymix(args, num_classes, model, seed) -> Mixing:
+    from .mix_saliency import SaliencyMix
+
+    try:
+        mixer = SaliencyMix(num_classes, alpha=args.cutmix, **_switched(args, seed))
+    except ImportError as error:
+        raise ValueError(f"--mix saliencymix: {error}") from None
+    return Mixing(mixer, uses_attention=False, name="saliencymix")
+
+
+def _attentive_cutmix(args, num_classes, model, seed) -> Mixing:
+    from .mix_attentive import AttentiveCutMix, load_cell_scorer
+
+    if not args.attentive_checkpoint:
+        raise ValueError("--mix attentive_cutmix needs --attentive-checkpoint CKPT: a transmix-train checkpoint of a "
+                         "timm CNN (e.g. --model resnet18 --mix none); transmix-experiment trains one when none is given")
+    scorer = load_cell_scorer(args.attentive_checkpoint, num_classes)
+    try:
+        mixer = AttentiveCutMix(num_classes, scorer, topk=args.attentive_topk, **_switched(args, seed))
+    except ValueError as error:
+        raise ValueError(f"--attentive-topk: {error}") from None
+    return Mixing(mixer, uses_attention=False, name="attentive_cutmix")
+
+
+def _puzzlemix(args, num_classes, model, seed) -> Mixing:
+    from .mix_puzzle import PuzzleMix
+
+    return Mixing(PuzzleMix(num_classes, model, alpha=args.cutmix, **_switched(args, seed)), uses_attention=False,
+                  name="puzzlemix")
+
+
 #: name -> factory(args, num_classes, model, seed) -> Mixing
 MIXERS: dict[str, Callable[..., Mixing]] = {
     "none": _none,
     "mixup": _mixup,
     "cutmix": _cutmix,
     "transmix": _transmix_mixing,
+    "saliencymix": _saliencymix,
+    "attentive_cutmix": _attentive_cutmix,
+    "puzzlemix": _puzzlemix,
 }
 
 
