@@ -17,9 +17,11 @@ from transmix_train.checkpoint import read_checkpoint  # noqa: E402
 from transmix_train.main import main  # noqa: E402
 
 # Everything random on: RandAugment, random erasing, drop path, TransMix in per-element mode
-# (one box and one lam per image), EMA; the lr changes every step.
+# (one box and one lam per image), EMA; the lr changes every update; two micro-batches per
+# update with clipping.
 RANDOM_EVERYWHERE = [*TINY, "--reprob", "0.5", "--mixup-mode", "elem", "--model-ema", "--model-ema-decay", "0.9",
-                     "--epochs", "2", "--warmup-epochs", "1"]
+                     "--epochs", "2", "--warmup-epochs", "1", "--limit-train-batches", "4", "--grad-accum-steps", "2",
+                     "--clip-grad", "1.0"]
 
 
 def _state(path: Path) -> dict:
