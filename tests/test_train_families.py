@@ -188,3 +188,13 @@ def test_visualize_bad_input_names_the_argument(argv, flag, trained_checkpoint, 
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_visualize_attention_source_the_probe_cannot_read(trained_checkpoint, tmp_path, capsys):
+    """Checked on the rebuilt model (the block count is the checkpoint's), before any image is drawn."""
+    png = tmp_path / "out.png"
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_main(["--checkpoint", str(trained_checkpoint), "--attn-source", "99", "--output", str(png)])
+    assert exit_info.value.code == 2
+    assert "--attn-source 99" in capsys.readouterr().err
+    assert not png.exists()

@@ -1,8 +1,8 @@
 """transmix-visualize: the paper's Figure 1 for a trained checkpoint, as one PNG.
 
-    transmix-visualize --checkpoint output/train/last.pth.tar                 # two val images
-    transmix-visualize --checkpoint ckpt.pth.tar --index-a 3 --index-b 17 --lam 0.6
-    transmix-visualize --checkpoint ckpt.pth.tar --image-a cat.jpg --image-b dog.jpg -o fig1.png
+    transmix-visualize --checkpoint output/run/last.pth                  # two val images of the run's data
+    transmix-visualize --checkpoint run/best.pth --index-a 3 --index-b 17 --lam 0.6
+    transmix-visualize --checkpoint run/best.pth --image-a cat.jpg --image-b dog.jpg -o fig1.png
 
 Panels, left to right: image A, image B, the mixed image (B's box pasted into A, outlined), the
 class attention of the model on the mixed image (upsampled over it, box outlined), and A's / B's
@@ -33,10 +33,10 @@ from .config import attn_source
 __all__ = [
     "Figure",
     "FigureImages",
+    "Selection",
     "build_parser",
     "compute_figure",
     "draw_figure",
-    "Selection",
     "load_images",
     "load_model",
     "main",
@@ -92,25 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transmix-visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="a transmix-train checkpoint (.pth.tar)")
+    parser.add_argument("--checkpoint", required=True, help="a transmix-train checkpoint (last.pth / best.pth)")
     for which in ("a", "b"):
         group = parser.add_mutually_exclusive_group()
         group.add_argument(f"--image-{which}", default=None, help=f"an image file for {which.upper()}")
         group.add_argument(
             f"--index-{which}", type=int, default=None,
-            help=f"the index of {which.upper()} in the checkpoint's validation set (default: {0 if which == 'a' else 1} "
-            "and the first image of another class)",
+            help=f"the index of {which.upper()} in the val set of the checkpoint's data (default: "
+            + ("0)" if which == "a" else "the first val image of another class than A's)"),
         )
     parser.add_argument("--label-a", type=int, default=None, help="A's class index when --image-a is a file")
     parser.add_argument("--label-b", type=int, default=None, help="B's class index when --image-b is a file")
     parser.add_argument("--lam", type=float, default=0.6, help="CutMix lambda the box is drawn from, in (0, 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the box position")
     parser.add_argument("--ratio", type=float, default=0.5, help="weight of the area lambda in TransMix's label")
-    parser.add_argument("--source", type=attn_source, default="last",
-                        help='attention source: "last", "rollout" or a block index (as --attn-source of training)')
+    parser.add_argument("--attn-source", type=attn_source, default=None,
+                        help='attention to show: "last", "rollout" or a block index (default: the run\'s own)')
     parser.add_argument("--output", "-o", default="fig1.png", help="the PNG to write")
     parser.add_argument("--use-ema", action="store_true", help="show the EMA weights (a --model-ema run)")
-    parser.add_argument("--dpi", type=int, default=120)
+    parser.add_argument("--dpi", type=int, default=120, help="resolution of the PNG (the figure is 20 x 4.2 inches)")
     return parser
 
 
@@ -193,9 +193,24 @@ def rebuild_model(checkpoint: dict, config: argparse.Namespace, path: str, *, us
     except RuntimeError as error:
         raise ValueError(f"--checkpoint {path}: its weights do not fit {config.model} rebuilt from its args: "
                          f"{error}") from None
-    epoch = checkpoint.get("epoch")
-    title = f"{config.model}{'' if epoch is None else f' after epoch {int(epoch) + 1}'}, data {config.data}"
-    return model.eval(), title
+    return model.eval(), _title(checkpoint, config)
+
+
+def _title(checkpoint: dict, config: argparse.Namespace) -> str:
+    """"deit_tiny_patch16_224 after 40 epochs (val top-1 91.00), data shapes"."""
+    epoch, metric = checkpoint.get("epoch"), checkpoint.get("metric")
+    trained = "" if epoch is None else f" after {int(epoch) + 1} epochs"
+    score = "" if metric is None else f" (val top-1 {float(metric):.2f})"
+    return f"{config.model}{trained}{score}, data {config.data}"
+
+
+def _check_source(model: torch.nn.Module, source: str | int) -> None:
+    """A source the probe cannot read on this model (rollout on Swin, a block index out of range)
+    is an error naming --attn-source, before any image is processed."""
+    try:
+        tk.ClassAttentionProbe(model, source=source).remove()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--attn-source {source!r}: {error}") from None
 
 
 def load_model(path: str, *, use_ema: bool = False) -> tuple[torch.nn.Module, argparse.Namespace, str]:
@@ -488,10 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, config = read_run(args.checkpoint)
         selection = select_images(args, config)  # bad indices fail before the model is built
         model, title = rebuild_model(checkpoint, config, args.checkpoint, use_ema=args.use_ema)
+        source = config.attn_source if args.attn_source is None else args.attn_source
+        _check_source(model, source)
         images = load_images(args, config, model, selection)
     except ValueError as error:
         parser.error(str(error))
-    figure = compute_figure(model, images.images, lam=args.lam, seed=args.seed, ratio=args.ratio, source=args.source)
+    figure = compute_figure(model, images.images, lam=args.lam, seed=args.seed, ratio=args.ratio, source=source)
     path = draw_figure(figure, images, args.output, title=title, dpi=args.dpi)
     print(f"wrote {path}: lam_area {figure.lam_area:.4f}, lam_attn {figure.lam_attn:.4f}, TransMix lam {figure.lam:.4f}")
     return 0
