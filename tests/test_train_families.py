@@ -41,6 +41,36 @@ FAMILIES = {
 }
 
 
+# The paper's recipe per model (TRANSMIX.md; drop path from each family's official code or paper):
+# weight decay, warmup epochs, epochs, drop path, CutMix switch probability.
+RECIPE = {
+    "deit_tiny_patch16_224": (0.03, 20, 300, 0.1, 0.5),
+    "deit_small_patch16_224": (0.03, 20, 300, 0.1, 0.5),
+    "deit_base_patch16_224": (0.05, 5, 300, 0.1, 0.8),
+    "deit_small_distilled_patch16_224": (0.03, 20, 300, 0.1, 0.5),
+    "cait_xxs24_224": (0.03, 20, 400, 0.05, 0.5),
+    "xcit_small_12_p16_224": (0.03, 20, 400, 0.05, 0.5),
+    "pvt_v2_b2": (0.03, 20, 300, 0.1, 0.5),
+    "swin_tiny_patch4_window7_224": (0.03, 20, 300, 0.2, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_config_holds_the_paper_recipe(name):
+    args = parse_args(["--config", str(CONFIGS / f"{name}.yaml")])
+    per_model = (args.weight_decay, args.warmup_epochs, args.epochs, args.drop_path, args.mixup_switch_prob)
+    assert per_model == RECIPE[name]
+    # lr 1e-3 at the paper's global batch of 1024 (8 processes x batch_size), whatever base it is written in.
+    assert args.batch_size * 8 == 1024
+    assert args.lr is None and args.lr_base * 1024 / args.lr_base_size == pytest.approx(1e-3)
+    shared = (args.opt, args.sched, args.warmup_lr, args.min_lr, args.smoothing, args.aa, args.reprob,
+              args.mixup, args.cutmix, args.mix, args.transmix_ratio, args.mixup_mode)
+    assert shared == ("adamw", "cosine", 1e-6, 1e-5, 0.1, "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, "transmix", 0.5,
+                      "batch")
+    distilled = "distilled" in name
+    assert (args.distillation_type == "hard") == distilled and (args.teacher is not None) == distilled
+
+
 def test_every_family_config_is_tested():
     """A config added to python/configs without a test here fails (demo.yaml is the trainer's own)."""
     shipped = {path.stem for path in CONFIGS.glob("*.yaml")} - {"demo"}
@@ -105,6 +135,8 @@ def test_family_config_trains_with_transmix(name, tmp_path):
         args.teacher = str(_teacher_checkpoint(tmp_path))
     run = build_run(args, init_processes("cpu", None), lambda message: None)
     assert run.probe is not None, "TransMix must attach the class-attention probe"
+    if args.distillation_type != "none":
+        assert run.criterion.teacher is not None and run.criterion.kind == "hard"
     recorder = _Recorder(run)
     run_training(run, lambda message: None)
     run.probe.remove()
