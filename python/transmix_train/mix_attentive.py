@@ -61,7 +61,8 @@ class CellScorer(nn.Module):
         level = self.level_for(max(images.shape[-2:]))
         side = self.grid * self.reductions[level]
         resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False)
-        features = self.model.forward_intermediates(resized, indices=[level], intermediates_only=True)[-1]
+        features = self.model.forward_intermediates(resized, indices=[level], intermediates_only=True,
+                                                       stop_early=True)[-1]
         if tuple(features.shape[-2:]) != (self.grid, self.grid):
             features = F.adaptive_avg_pool2d(features, self.grid)
         return features.float().mean(1).flatten(1)

@@ -69,6 +69,20 @@ def _neighbour_sum(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total, count
 
 
+def _ranked_start(unary: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """The relaxation's start: the ``share`` of cells where pasting costs least set to 1.
+
+    A uniform start cannot break the symmetry of flat saliency (every cell moves alike and the
+    threshold gives all or nothing); ties go to the earlier cell in row-major order (a stable sort).
+    """
+    flat = unary.flatten(1)
+    order = flat.argsort(dim=1, stable=True)
+    count = (share.flatten() * flat.shape[1]).round().long().unsqueeze(1)
+    chosen = torch.arange(flat.shape[1], device=flat.device).unsqueeze(0) < count
+    start = torch.zeros_like(flat).scatter_(1, order, chosen.float())
+    return start.view_as(unary)
+
+
 def optimise_masks(own: torch.Tensor, partner: torch.Tensor, paste_share: torch.Tensor, *, beta: float = 0.3,
                    eta: float = 2.0, iterations: int = 30, temperature: float = 0.1) -> torch.Tensor:
     """Binary masks minimising the module docstring's E(z) by damped mean-field updates.
@@ -79,7 +93,7 @@ def optimise_masks(own: torch.Tensor, partner: torch.Tensor, paste_share: torch.
     cells = own.shape[-1] * own.shape[-2]
     unary = (own - partner) * cells  # < 0 where the partner's cell is the more salient one
     share = paste_share.view(-1, 1, 1).float()
-    q = share.expand_as(own).clone()
+    q = _ranked_start(unary, share)
     for _ in range(iterations):
         neighbours, count = _neighbour_sum(q)
         # dE/dz_i with neighbours at their expectations: |z_i - z_j| = z_i (1 - 2 z_j) + z_j.

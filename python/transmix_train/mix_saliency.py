@@ -14,7 +14,13 @@ Differences from the official SaliencyMix code, on purpose:
 - the box half-sides follow timm's ``rand_bbox`` (``cut // 2`` before, ``(cut + 1) // 2`` after
   the centre); the official code uses ``cut // 2`` on both sides (one pixel smaller for odd sides);
 - the detector sees each image min-max scaled to uint8 (the official code hands it the
-  normalised float tensor); the peak is the first arg-max in row-major order.
+  normalised float tensor);
+- each image is edge-padded (replicated) by a quarter of its side and the map cropped back: on
+  small images the detector otherwise fires at the image border (unpadded 32 px test images
+  peaked in a corner for most spots; padded, on or next to the spot);
+- the peak is the arg-max of the map after a 3x3 box blur: the fine-grained map saturates at
+  1.0 in several places (image borders included), and the official first arg-max in row-major
+  order then picks the top-most of them rather than the salient object.
 
 Cost: OpenCV's detector takes one image per call and has no batched form (a mosaic of the batch
 in one call measured no faster, and its centre-surround filters would leak across tiles), so the
@@ -71,11 +77,17 @@ def saliency_peaks(images: torch.Tensor, detector=None) -> np.ndarray:
     pixels = _to_uint8(images)
     width = images.shape[-1]
     peaks = np.empty((images.shape[0], 2), dtype=np.int64)
+    import cv2
+
+    height = images.shape[-2]
+    pad_y, pad_x = max(height // 4, 1), max(width // 4, 1)
     for index, image in enumerate(pixels):  # the detector takes one image per call (module docstring)
-        ok, saliency = detector.computeSaliency(image)
+        padded = cv2.copyMakeBorder(image, pad_y, pad_y, pad_x, pad_x, cv2.BORDER_REPLICATE)
+        ok, saliency = detector.computeSaliency(padded)
+        saliency = saliency[pad_y:pad_y + height, pad_x:pad_x + width]  # border effects stay outside
         if not ok:
             raise RuntimeError(f"OpenCV's saliency failed on image {index} of the batch")
-        flat = int(np.argmax(saliency))
+        flat = int(np.argmax(cv2.blur(saliency, (3, 3))))  # ties of the saturated map: module docstring
         peaks[index] = divmod(flat, width)
     return peaks
 
