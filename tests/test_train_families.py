@@ -230,3 +230,21 @@ def test_visualize_attention_source_the_probe_cannot_read(trained_checkpoint, tm
     assert exit_info.value.code == 2
     assert "--attn-source 99" in capsys.readouterr().err
     assert not png.exists()
+
+
+def test_visualize_image_files(trained_checkpoint, tmp_path, capsys):
+    """Files of another size and aspect than the model's input go through the run's eval transform."""
+    from PIL import Image
+
+    for name, colour in (("a.png", (200, 40, 40)), ("b.png", (40, 40, 200))):
+        Image.new("RGB", (48, 40), colour).save(tmp_path / name)
+    png = tmp_path / "fig1.png"
+    assert visualize_main(["--checkpoint", str(trained_checkpoint), "--image-a", str(tmp_path / "a.png"),
+                           "--image-b", str(tmp_path / "b.png"), "--label-a", "3", "--output", str(png),
+                           "--dpi", "40"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "broken.png").write_text("not an image")
+    with pytest.raises(SystemExit):
+        visualize_main(["--checkpoint", str(trained_checkpoint), "--image-a", str(tmp_path / "broken.png"),
+                        "--output", str(tmp_path / "other.png")])
+    assert "--image-a" in capsys.readouterr().err
