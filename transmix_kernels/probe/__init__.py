@@ -47,6 +47,7 @@ from .base import (
     check_source,
     register_attention_family,
     unwrap,
+    wrapper_chain,
 )
 from .class_attn import CaitAdapter, XcitAdapter
 from .pvt import PvtV2Adapter
@@ -115,6 +116,11 @@ class ClassAttentionProbe:
     copies, nothing N x N); in training autograd holds them anyway. Under ``torch.no_grad`` a
     rollout probe keeps every block's q and k alive until the next forward.
 
+    ``torch.compile``: pass the compiled model or the original one; the hooks sit on the
+    original modules and dynamo traces them into the graph. Attach the probe before the compiled
+    model's first call and keep it attached: torch.compile does not see hooks added to a model
+    it has already run without them (reading then raises an error saying so).
+
     Example::
 
         with ClassAttentionProbe(model, source=5) as probe:   # DeiT-S: Table 1's d = 6
@@ -123,22 +129,30 @@ class ClassAttentionProbe:
     """
 
     def __init__(self, model: nn.Module, source: Source = "last", *, rollout_residual: float = 0.5) -> None:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            # Hooks that keep tensors do not capture from inside a compiled graph (checked with
-            # the eager and aot_eager backends): refuse rather than return stale or no attention.
-            raise TypeError(
-                "ClassAttentionProbe needs the eager model, not a torch.compile wrapper: its hooks do not "
-                "capture inside a compiled graph. Attach it to the uncompiled model (model._orig_mod) and run "
-                "that, or compile only parts of the model that do not hold the probed attention"
-            )
         adapter_cls = adapter_class(model)
         check_source(source)
         residual = _check_rollout_residual(rollout_residual)
         self._adapter = adapter_cls(unwrap(model), source)
         self._adapter.rollout_residual = residual
         self._handles: list[RemovableHandle] = self._adapter.attach()
+        self._handles += self._watch_compiled_calls(wrapper_chain(model)[:-1])
+        self._untraced_call = False
         self.source = source
         self.rollout_residual = residual
+
+    def _watch_compiled_calls(self, wrappers: list[nn.Module]) -> list[RemovableHandle]:
+        """Eager hooks on the torch.compile wrappers (they run outside the compiled graph): each
+        call starts with no captures, so a graph traced without the probe's hooks cannot leave
+        the previous call's tensors looking current."""
+        compiled = [w for w in wrappers if isinstance(getattr(w, "_orig_mod", None), nn.Module)]
+
+        def before(_module, _args):
+            self._adapter.new_forward()
+
+        def after(_module, _args, _output):
+            self._untraced_call = not self._adapter.captured
+
+        return [h for w in compiled for h in (w.register_forward_pre_hook(before), w.register_forward_hook(after))]
 
     @property
     def family(self) -> str:
@@ -155,9 +169,17 @@ class ClassAttentionProbe:
     def _ready(self) -> AttentionAdapter:
         if not self._handles:
             raise RuntimeError("ClassAttentionProbe: the probe was removed; create a new one to read attention")
+        if self._untraced_call:
+            raise RuntimeError(
+                "ClassAttentionProbe: the compiled model ran a graph that torch.compile traced before this probe "
+                "was attached, so no attention was captured (torch.compile does not see hooks added to a model "
+                "it has already run without them). Attach the probe before the compiled model's first call and "
+                "keep it attached, or call torch.compiler.reset() after attaching it"
+            )
         if not self._adapter.captured:
             raise RuntimeError(
-                "ClassAttentionProbe: no attention captured yet; run a forward pass of the model first"
+                "ClassAttentionProbe: no attention captured yet; run a forward pass of the model first (a "
+                "torch.compile'd model needs the probe attached before its first compiled call)"
             )
         return self._adapter
 

@@ -242,17 +242,25 @@ def register_attention_family(model_type: type, adapter: Optional[type[Attention
     return adapter
 
 
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and the modules it wraps (DDP, ``torch.compile``), outermost first; the last runs."""
+    chain = [model]
+    while True:
+        inner = chain[-1]
+        # DDP runs the wrapped module itself, so hooks on it see every forward. (DataParallel runs
+        # per-device replicas, whose captures would overwrite each other: not supported.)
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            chain.append(inner.module)
+        # A torch.compile wrapper runs the original's submodules (traced, their hooks included).
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            chain.append(inner._orig_mod)
+        else:
+            return chain
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module whose submodules run: through DDP and ``torch.compile`` wrappers."""
-    # DDP runs the wrapped module itself, so hooks on it see every forward. (DataParallel runs
-    # per-device replicas, whose captures would overwrite each other: not supported.)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return unwrap(model.module)
-    # A torch.compile wrapper calls the original's submodules (traced, hooks included).
-    original = getattr(model, "_orig_mod", None)
-    if isinstance(original, nn.Module):
-        return unwrap(original)
-    return model
+    return wrapper_chain(model)[-1]
 
 
 def adapter_class(model) -> type[AttentionAdapter]:
@@ -284,4 +292,5 @@ __all__ = [
     "register_attention_family",
     "resolve_index",
     "unwrap",
+    "wrapper_chain",
 ]
