@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
-
-import torch
 
 from .build import build_run, Run
 from .checkpoint import capture_rng, CHECKPOINT_VERSION, copy_checkpoint, restore_rng, save_checkpoint
