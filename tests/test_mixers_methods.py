@@ -11,7 +11,6 @@ import pytest
 import timm
 import torch
 
-from transmix_train import mix_saliency
 from transmix_train.config import parse_args
 from transmix_train.mix_attentive import AttentiveCutMix, CellScorer, load_cell_scorer
 from transmix_train.mix_puzzle import input_saliency, optimise_masks, PuzzleMix

@@ -146,13 +146,13 @@ def load_grid(name_or_path: str) -> Grid:
     reference = data.get("reference")
     if reference is not None and reference not in names:
         raise ValueError(f"grid {path}: reference {reference!r} is not a cell ({', '.join(names)})")
+    grid_args = [str(a) for a in data.get("args") or []]
     for cell in cells:
-        missing = {m for a in cell.args for m in _PLACEHOLDER.findall(a)} - set(prerequisites)
-        if missing or (cell.extra_params and cell.extra_params not in prerequisites):
-            raise ValueError(f"grid {path}: cell {cell.name!r} names unknown prerequisites "
-                             f"{sorted(missing | ({cell.extra_params} - set(prerequisites) if cell.extra_params else set()))}")
-    return Grid(path.stem, str(data.get("title") or path.stem), config or "", [str(a) for a in data.get("args") or []],
-                cells, reference, prerequisites, str(data.get("notes") or ""))
+        missing = _needs(cell, grid_args) - set(prerequisites)
+        if missing:
+            raise ValueError(f"grid {path}: cell {cell.name!r} names unknown prerequisites {sorted(missing)}")
+    return Grid(path.stem, str(data.get("title") or path.stem), config or "", grid_args, cells, reference,
+                prerequisites, str(data.get("notes") or ""))
 
 
 @dataclass
@@ -320,9 +320,9 @@ class _Budget:
         return result
 
 
-def _needs(cell: Cell, grid: Grid) -> set[str]:
+def _needs(cell: Cell, grid_args: Sequence[str]) -> set[str]:
     """The prerequisites a cell's runs need (placeholders in its flags, the grid's, its extra_params)."""
-    names = {m for a in [*grid.args, *cell.args] for m in _PLACEHOLDER.findall(a)}
+    names = {m for a in [*grid_args, *cell.args] for m in _PLACEHOLDER.findall(a)}
     return names | ({cell.extra_params} if cell.extra_params else set())
 
 
@@ -341,7 +341,7 @@ def run_grid(grid: Grid, output: Path, *, seeds: int = 3, data: Optional[str] = 
     for spec in prerequisites.values():  # the cells read their checkpoints: first, one at a time
         attempt(spec)
     ready = {key for key, spec in prerequisites.items() if spec.done}
-    pending = [spec for spec in runs if not spec.done and _needs(spec.cell, grid) <= ready]
+    pending = [spec for spec in runs if not spec.done and _needs(spec.cell, grid.args) <= ready]
     if len(pending) < sum(not spec.done for spec in runs):
         log(f"prerequisites not ready ({', '.join(sorted(set(prerequisites) - ready))}): their cells are skipped")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
