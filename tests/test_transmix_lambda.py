@@ -171,8 +171,13 @@ def test_mix_targets_matches_reference(seed, device, poison_empty, impl):
                                  atol=ATOL)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_mix_targets_bitwise_timm(seed, device, poison_empty, impl):
+# "torch-ops": impl="torch" with a lam that requires grad, which keeps the CPU path on PyTorch
+# operations (it otherwise runs the same float32 operations on NumPy views).
+TARGET_PATHS = {impl: (impl, False) for impl in IMPLS} | {"torch-ops": ("torch", True)}
+
+
+@pytest.mark.parametrize("impl, lam_grad", TARGET_PATHS.values(), ids=TARGET_PATHS.keys())
+def test_mix_targets_bitwise_timm(seed, device, poison_empty, impl, lam_grad):
     """timm's mixup_target: a Python-float lam per batch, a (B, 1) float32 tensor per element."""
     skip_unrunnable(impl, device)
     batch, num_classes = 8, 1000
@@ -180,12 +185,13 @@ def test_mix_targets_bitwise_timm(seed, device, poison_empty, impl):
     for smoothing in (0.0, 0.1):
         for lam_value in (0.6180339887498949, 0.1234567, 1.0, 0.0, float(torch.rand((), dtype=torch.float64))):
             want = mixup_target(target, num_classes, lam_value, smoothing)
-            ours = tk.mix_targets(target, torch.full((batch,), lam_value, dtype=torch.float64, device=device), num_classes,
-                                  smoothing=smoothing, impl=impl)
-            assert_equal(f"batch lam={lam_value!r} s={smoothing}", ours, want)
+            lam = torch.full((batch,), lam_value, dtype=torch.float64, device=device, requires_grad=lam_grad)
+            ours = tk.mix_targets(target, lam, num_classes, smoothing=smoothing, impl=impl)
+            assert_equal(f"batch lam={lam_value!r} s={smoothing}", ours.detach(), want)
         lam_elem = torch.rand(batch)
         lam_elem[0] = 1.0
         lam_elem = lam_elem.to(device)
         want = mixup_target(target, num_classes, lam_elem.unsqueeze(1), smoothing)
-        ours = tk.mix_targets(target, lam_elem, num_classes, smoothing=smoothing, impl=impl)
-        assert_equal(f"elem s={smoothing}", ours, want)
+        ours = tk.mix_targets(target, lam_elem.requires_grad_(lam_grad), num_classes, smoothing=smoothing, impl=impl)
+        assert_equal(f"elem s={smoothing}", ours.detach(), want)
+        assert ours.requires_grad == (lam_grad and impl == "torch")

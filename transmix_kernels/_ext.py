@@ -91,7 +91,8 @@ def supports(device: torch.device) -> bool:
 
 def has_kernel(name: str, device: torch.device) -> bool:
     """Whether the extension is loaded, runs on tensors of this device and has the function ``name``."""
-    return supports(device) and hasattr(extension(), name)
+    module = _load().module
+    return module is not None and hasattr(module, name) and supports(device)
 
 
 def unavailable_reason(device: torch.device, name: str | None = None) -> str:

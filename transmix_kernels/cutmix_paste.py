@@ -247,17 +247,23 @@ def _move_boxes_extension(images: torch.Tensor, boxes: torch.Tensor, partner: to
     _ext.extension().cutmix_paste_cpu_(images, boxes.expand(images.shape[0], 4) if boxes.dim() == 1 else boxes, partner)
 
 
-def _token_mask_or_empty(boxes, images, gh, gw):
-    batch, _, height, width = images.shape
+def _token_mask(boxes, images, gh, gw):
+    """(B, gh*gw) float32 token mask of the PyTorch paths, or None without a token grid."""
     if gh == 0:
-        return images.new_empty((batch, 0), dtype=torch.float32)
+        return None
+    batch, _, height, width = images.shape
     return token_mask_torch(boxes, batch, height, width, gh, gw)
+
+
+def _op_token_mask(token_mask, images):
+    """A registered op returns a tensor: the empty (B, 0) mask where there is no token grid."""
+    return images.new_empty((images.shape[0], 0), dtype=torch.float32) if token_mask is None else token_mask
 
 
 def _copy_and_move(images, boxes, partner, gh, gw, move):
     out = images.clone() if is_dense(images) else images.contiguous()
     move(out, boxes, partner)
-    return out, _token_mask_or_empty(boxes, images, gh, gw)
+    return out, _token_mask(boxes, images, gh, gw)
 
 
 def _paste_torch(images, boxes, partner, gh, gw):
@@ -270,12 +276,12 @@ def _paste_extension(images, boxes, partner, gh, gw):
 
 def _paste_inplace_torch(images, boxes, partner, gh, gw, max_bh, max_bw):
     _move_boxes_torch(images, boxes, partner)
-    return _token_mask_or_empty(boxes, images, gh, gw)
+    return _token_mask(boxes, images, gh, gw)
 
 
 def _paste_inplace_extension(images, boxes, partner, gh, gw, max_bh, max_bw):
     _move_boxes_extension(images, boxes, partner)
-    return _token_mask_or_empty(boxes, images, gh, gw)
+    return _token_mask(boxes, images, gh, gw)
 
 
 def _paste_reference(images, boxes, partner, gh, gw):
@@ -338,7 +344,8 @@ def run_paste(
 def _cutmix_paste_op(
     images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _paste_out_of_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw)
+    mixed, token_mask = _paste_out_of_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw)
+    return mixed, _op_token_mask(token_mask, images)
 
 
 if HAS_TRITON:
@@ -354,7 +361,8 @@ def _(images, boxes, partner, gh, gw):
 def _cutmix_paste_inplace_op(
     images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int, max_bh: int, max_bw: int
 ) -> torch.Tensor:
-    return _paste_in_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw, max_bh, max_bw)
+    token_mask = _paste_in_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw, max_bh, max_bw)
+    return _op_token_mask(token_mask, images)
 
 
 if HAS_TRITON:

@@ -40,6 +40,12 @@ __all__ = ["MODES", "MixState", "TransMix"]
 MODES = ("batch", "pair", "elem")
 
 
+def _host_to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``; on the CPU the array's own memory, with no call."""
+    tensor = torch.from_numpy(array)
+    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
+
+
 @dataclass
 class MixState:
     """What one call of :class:`TransMix` did to a batch, and how to label it.
@@ -273,9 +279,14 @@ class TransMix:
 
     # -------------------------------------------------------------- random parameters (host)
 
+    def _beta(self, alpha: float, count: int) -> np.ndarray:
+        """``count`` draws from Beta(alpha, alpha). Beta(1, 1) is the uniform distribution on [0, 1];
+        NumPy's beta sampler runs a rejection loop per draw there (about 45 us for 256 draws)."""
+        return self.rng.random(count) if alpha == 1.0 else self.rng.beta(alpha, alpha, size=count)
+
     def _draw_lam(self, count: int, use_cutmix: np.ndarray) -> np.ndarray:
-        cut = self.rng.beta(self.cutmix_alpha, self.cutmix_alpha, size=count) if self.cutmix_alpha > 0 else None
-        mix = self.rng.beta(self.mixup_alpha, self.mixup_alpha, size=count) if self.mixup_alpha > 0 else None
+        cut = self._beta(self.cutmix_alpha, count) if self.cutmix_alpha > 0 else None
+        mix = self._beta(self.mixup_alpha, count) if self.mixup_alpha > 0 else None
         if cut is None:
             return mix
         if mix is None:
@@ -284,14 +295,12 @@ class TransMix:
 
     def _draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(lam, use_cutmix) for `count` independent draws; lam == 1 where nothing is mixed."""
-        lam = np.ones(count)
-        use_cutmix = np.zeros(count, dtype=bool)
         if not self.mixup_enabled:
-            return lam, use_cutmix
+            return np.ones(count), np.zeros(count, dtype=bool)
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
             use_cutmix = self.rng.random(count) < self.switch_prob
-        elif self.cutmix_alpha > 0:
-            use_cutmix = np.ones(count, dtype=bool)
+        else:
+            use_cutmix = np.full(count, self.cutmix_alpha > 0)
         lam_mix = self._draw_lam(count, use_cutmix)
         apply = self.rng.random(count) < self.prob
         return np.where(apply, lam_mix, 1.0), use_cutmix & apply & (lam_mix < 1.0)
@@ -354,56 +363,69 @@ class TransMix:
         return np.stack(corners, axis=1).astype(np.int32)
 
     def _sample_boxes(self, lam: np.ndarray, use_cutmix: np.ndarray, height: int, width: int):
-        """Host-side (B, 4) boxes, empty on rows without CutMix, and each row's label lam."""
+        """Host-side (B, 4) boxes, empty on rows without CutMix; each row's label lam; the (B, 2)
+        box sides (height, width)."""
         count = {"batch": 1, "pair": lam.shape[0] // 2}.get(self.mode, lam.shape[0])
         drawn = self._draw_boxes(lam[:count], height, width)
         if self.mode == "batch":
             drawn = np.repeat(drawn, lam.shape[0], axis=0)
         elif self.mode == "pair":
             drawn = np.concatenate([drawn, drawn[::-1]])
-        boxes = np.where(use_cutmix[:, None], drawn, 0).astype(np.int32)
+        boxes = np.where(use_cutmix[:, None], drawn, np.int32(0))
+        sides = boxes[:, 1::2] - boxes[:, ::2]
         if self.correct_lam or self.cutmix_minmax is not None:
             # timm: lam = 1 - area / (H * W) in float64, then stored in lam's dtype.
-            area = (boxes[:, 1] - boxes[:, 0]).astype(np.float64) * (boxes[:, 3] - boxes[:, 2])
+            area = sides[:, 0].astype(np.float64) * sides[:, 1]
             lam = np.where(use_cutmix, (1.0 - area / float(height * width)).astype(lam.dtype), lam)
-        return boxes, lam
+        return boxes, lam, sides
 
     def _mix(self, images, target, lam: np.ndarray, use_cutmix: np.ndarray, grid, backend: str) -> MixState:
         """Paste and blend with host-side parameters; bookkeeping stays in NumPy (cheap per call)."""
         batch, _, height, width = images.shape
         device = images.device
         partner = flipped_partner(batch, device)
-        boxes, lam = self._sample_boxes(lam, use_cutmix, height, width)
+        boxes, lam, sides = self._sample_boxes(lam, use_cutmix, height, width)
         blend = ~use_cutmix & (lam < 1.0)
-        kind = "cutmix" if use_cutmix.all() else "mixup" if blend.all() else \
-            "none" if not (use_cutmix | blend).any() else "mixed"
-        lam_t = torch.from_numpy(lam)
-        blended = self._blend(images, partner, lam_t, torch.from_numpy(blend)) if blend.any() else None
-        boxes_dev = torch.from_numpy(boxes).to(device, non_blocking=True)
+        cut_rows, blend_rows = np.count_nonzero(use_cutmix), np.count_nonzero(blend)
+        kind = "cutmix" if cut_rows == batch else "mixup" if blend_rows == batch else \
+            "none" if cut_rows + blend_rows == 0 else "mixed"
+        blended = self._blend(images, lam, blend) if blend_rows else None
+        boxes_dev = _host_to(boxes, device)
         token_mask = None
-        if use_cutmix.any():
-            max_bh = int((boxes[:, 1] - boxes[:, 0]).max())
-            max_bw = int((boxes[:, 3] - boxes[:, 2]).max())
-            box_arg = boxes_dev[0] if self.mode == "batch" else boxes_dev
-            _, token_mask = run_paste(backend, images, box_arg, partner, *(grid or (0, 0)), True, max_bh, max_bw)
+        if cut_rows:
+            max_bh, max_bw = sides.max(axis=0).tolist()
+            # int64: the CPU kernel reads int64 boxes; int32 ones would cost it a conversion op.
+            paste_boxes = _host_to((boxes[0] if self.mode == "batch" else boxes).astype(np.int64), device)
+            _, token_mask = run_paste(backend, images, paste_boxes, partner, *(grid or (0, 0)), True, max_bh, max_bw)
         if blended is not None:
-            images[torch.from_numpy(np.flatnonzero(blend)).to(device)] = blended
-        lam_dev = lam_t.to(device)
+            rows, values = blended
+            images.index_copy_(0, rows, values.to(images.dtype))
         return MixState(
-            kind=kind, cutmix=torch.from_numpy(use_cutmix).to(device), boxes=boxes_dev, partner=partner,
-            lam=lam_dev, lam_area=lam_dev.float(), target=target, num_classes=self.num_classes,
-            smoothing=self.label_smoothing, ratio=self.ratio, image_size=(height, width),
+            kind=kind, cutmix=_host_to(use_cutmix, device), boxes=boxes_dev, partner=partner,
+            lam=_host_to(lam, device), lam_area=_host_to(lam.astype(np.float32), device), target=target,
+            num_classes=self.num_classes, smoothing=self.label_smoothing, ratio=self.ratio, image_size=(height, width),
             token_grid=grid if token_mask is not None else None, token_mask=token_mask, impl=self.impl,
         )
 
-    def _blend(self, images, partner, lam, rows_mask):
-        """Mixup rows, computed from the unmixed batch before any paste; written back after it."""
+    def _blend(self, images, lam: np.ndarray, blend: np.ndarray):
+        """Mixup: timm's x * lam + x.flip(0) * (1 - lam), bit for bit.
+
+        Mode batch blends the whole batch in place (no row there is pasted). Otherwise the blended
+        rows are computed from the unmixed batch and returned as (rows, values) for writing back
+        after the paste (a row's partner may be pasted over). Row gathers are index_select of
+        whole images and every arithmetic step runs in place, so two buffers are allocated.
+        """
         if self.mode == "batch":
             value = float(lam[0])
-            # timm's exact operation order: x * lam + x.flip(0) * (1 - lam), Python-float scalars.
-            return images.mul(value).add_(images[partner].mul_(1.0 - value))
-        rows = rows_mask.nonzero().flatten()
-        lam_rows = lam[rows].to(device=images.device, dtype=torch.float32).view(-1, 1, 1, 1)
-        rows = rows.to(images.device)
-        # float32 lam promotes bf16/fp16 rows to float32: one rounding back to the images' dtype.
-        return (images[rows] * lam_rows + images[partner[rows]] * (1 - lam_rows)).to(images.dtype)
+            # timm's operation order with Python-float scalars, also exact for bf16/fp16 images.
+            flipped = images.flip(0).mul_(1.0 - value)
+            images.mul_(value).add_(flipped)
+            return None
+        rows = np.flatnonzero(blend)
+        lam_rows = _host_to(lam[rows].astype(np.float32), images.device).view(-1, 1, 1, 1)
+        own = _host_to(rows, images.device)
+        other = _host_to(images.shape[0] - 1 - rows, images.device)  # the flipped partner
+        # float32 lam: bf16/fp16 rows are blended in float32 and rounded once, when written back.
+        blended = images.index_select(0, own).to(torch.float32).mul_(lam_rows)
+        blended.add_(images.index_select(0, other).to(torch.float32).mul_(1 - lam_rows))
+        return own, blended

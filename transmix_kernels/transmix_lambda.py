@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import reference
@@ -139,32 +140,60 @@ def _lambda_torch(attn, token_mask, lam_area, ratio):
     return blend_lambda(mass, kept, lam_area.float(), ratio)
 
 
-def _targets_torch(target, lam_self, lam_other, partner, num_classes, smoothing):
-    """Soft targets without building two one-hot matrices: every entry is one of four sums,
-    each computed exactly as ``y1 * lam_self + y2 * lam_other`` would compute it."""
-    # Python-float scalars enter float32 arithmetic rounded to float32, exactly like timm's
-    # one-hot entries: no scalar tensors to build per call.
-    on, off = _smoothing_values(num_classes, smoothing)
-    lam_self, lam_other = lam_self.view(-1, 1), lam_other.view(-1, 1)
-    y_self, y_other = target.view(-1, 1), target[partner].view(-1, 1)
-    out = (off * lam_self + off * lam_other).expand(-1, num_classes).contiguous()
-    out.scatter_(1, y_other, off * lam_self + on * lam_other)
-    self_other = torch.where(y_self == y_other, on, off)
-    out.scatter_(1, y_self, on * lam_self + self_other * lam_other)
+def _put_rows_numpy(out: np.ndarray, columns: np.ndarray, values: np.ndarray) -> None:
+    out[np.arange(out.shape[0]), columns[:, 0]] = values[:, 0]
+
+
+# The three operations NumPy and PyTorch spell differently: choose, repeat a column, one entry per row.
+_NUMPY_OPS = (np.where, lambda column, count: np.repeat(column, count, axis=1), _put_rows_numpy)
+_TORCH_OPS = (
+    torch.where,
+    lambda column, count: column.expand(-1, count).contiguous(),
+    lambda out, columns, values: out.scatter_(1, columns, values),
+)
+
+
+def _soft_targets(target, lam_self, lam_other, partner, num_classes, weights, ops):
+    where, repeat_column, put_rows = ops
+    sums = lam_self.reshape(-1, 1) * weights[0] + lam_other.reshape(-1, 1) * weights[1]  # (B, 4)
+    y_self, y_other = target.reshape(-1, 1), target[partner].reshape(-1, 1)
+    out = repeat_column(sums[:, :1], num_classes)
+    put_rows(out, y_other, sums[:, 1:2])
+    put_rows(out, y_self, where(y_self == y_other, sums[:, 3:], sums[:, 2:3]))
     return out
+
+
+def _lam_and_targets_torch(lam, target, partner, num_classes, smoothing):
+    """(lam (B,) float32, a copy; soft targets (B, K) float32) without two one-hot matrices.
+
+    Every entry is ``a * lam_self + b * lam_other`` for one of four (a, b) pairs of one-hot
+    values: (off, off) in most columns, (off, on) at the partner's class, (on, off) at the own
+    class, (on, on) there when both classes agree. The four are computed for all rows at once, in
+    float32 products and one sum, with lam_other = 1 - lam in lam's own precision, so they round
+    exactly like timm's ``y1 * lam + y2 * (1 - lam)``. On CPU tensors the same operations run on
+    NumPy views of their memory: the arrays are small, and NumPy's cost per operation is a
+    fraction of PyTorch's dispatch.
+    """
+    on, off = _smoothing_values(num_classes, smoothing)
+    weights = np.array([[off, off, on, on], [off, on, off, on]], dtype=np.float32)
+    # Only lam can carry a gradient (the others are integer tensors); it keeps PyTorch operations.
+    if lam.device.type == "cpu" and not lam.requires_grad and not torch.compiler.is_compiling():
+        lam, target, partner = lam.numpy(), target.numpy(), partner.numpy()
+        lam_self = lam.astype(np.float32)
+        targets = _soft_targets(target, lam_self, (1 - lam).astype(np.float32), partner, num_classes, weights, _NUMPY_OPS)
+        return torch.from_numpy(lam_self), torch.from_numpy(targets)
+    lam_self = lam.to(torch.float32, copy=True)
+    weights = torch.from_numpy(weights).to(lam.device)
+    return lam_self, _soft_targets(target, lam_self, (1 - lam).float(), partner, num_classes, weights, _TORCH_OPS)
 
 
 def _run_torch(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing):
     if attn is not None:
-        lam_out = _lambda_torch(attn, token_mask, lam, ratio)
-        lam_self, lam_other = lam_out, 1.0 - lam_out
-    else:
-        # A copy, never an alias of the caller's lam (custom ops must not return their inputs).
-        lam_out = lam.to(torch.float32, copy=True)
-        lam_self, lam_other = lam_out, (1 - lam).float()
+        lam = _lambda_torch(attn, token_mask, lam, ratio)  # float32: the lam of the targets
     if target is None:
-        return lam_out, lam_out.new_empty((lam.shape[0], 0))
-    return lam_out, _targets_torch(target, lam_self, lam_other, partner, num_classes, smoothing)
+        # A copy, never an alias of the caller's lam (custom ops must not return their inputs).
+        return lam.to(torch.float32, copy=True), lam.new_empty((lam.shape[0], 0), dtype=torch.float32)
+    return _lam_and_targets_torch(lam, target, partner, num_classes, smoothing)
 
 
 # ---------------------------------------------------------------- torch.library registration
