@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,14 @@ def test_summary_statistics(tmp_path):
     assert rows["new"]["delta"] == 9.0
     assert math.isclose(rows["new"]["delta_se"], math.sqrt(4 / 3 + 1 / 3))
     assert "delta" not in rows["ref"]
+
+
+def test_a_run_held_by_another_process_is_skipped(tmp_path):
+    grid = load_grid(str(write_grid(tmp_path, [{"name": "a", "args": ["--mix", "none"]}])))
+    _, runs = plan_runs(grid, tmp_path / "out", 1)
+    runs[0].output.mkdir(parents=True)
+    (runs[0].output / "runner.lock").write_text(str(os.getppid()))  # a live process
+    lines = []
+    summary = run_grid(grid, tmp_path / "out", seeds=1, log=lines.append)
+    assert summary["rows"][0]["n"] == 0 and any("another process" in line for line in lines), lines
+    assert not (runs[0].output / "metrics.csv").exists()

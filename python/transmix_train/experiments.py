@@ -264,8 +264,45 @@ def _finish(spec: RunSpec, wall_s: float) -> dict[str, Any]:
     return result
 
 
+def _claim(folder: Path) -> bool:
+    """Take ``folder/runner.lock`` for this process; False while another live process holds it.
+
+    Two ``transmix-experiment`` calls on one ``--output`` (grids that share cells) then never
+    train the same run at once; a lock left by a killed process is taken over.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "runner.lock"
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                return False  # alive, another user's
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        return True
+    return False
+
+
 def _execute(spec: RunSpec, timeout: Optional[float], threads: Optional[int], log) -> Optional[dict[str, Any]]:
-    """Run (or continue) one ``transmix-train``; its result, or None when it failed or ran out of time."""
+    """Run (or continue) one ``transmix-train``; its result, or None when it failed, ran out of time
+    or runs in another process."""
+    if not _claim(spec.output):
+        log(f"  {spec.output.name}: running in another process, skipped")
+        return None
+    try:
+        return _train(spec, timeout, threads, log)
+    finally:
+        (spec.output / "runner.lock").unlink(missing_ok=True)
+
+
+def _train(spec: RunSpec, timeout: Optional[float], threads: Optional[int], log) -> Optional[dict[str, Any]]:
     argv = list(spec.argv)
     if (spec.output / "last.pth").is_file():
         argv += ["--resume", str(spec.output / "last.pth")]  # a killed run continues exactly
