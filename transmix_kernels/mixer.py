@@ -302,8 +302,11 @@ class TransMix:
         else:
             use_cutmix = np.full(count, self.cutmix_alpha > 0)
         lam_mix = self._draw_lam(count, use_cutmix)
-        apply = self.rng.random(count) < self.prob
-        return np.where(apply, lam_mix, 1.0), use_cutmix & apply & (lam_mix < 1.0)
+        use_cutmix = use_cutmix & (lam_mix < 1.0)
+        if self.prob < 1.0:  # prob 1 applies every draw: no coin to toss
+            apply = self.rng.random(count) < self.prob
+            lam_mix, use_cutmix = np.where(apply, lam_mix, 1.0), use_cutmix & apply
+        return lam_mix, use_cutmix
 
     # -------------------------------------------------------------- mixing
 
