@@ -191,3 +191,30 @@ def test_explicit_impl_never_warns(seed, missing_extension, impl):
         tk.cutmix_paste(torch.randn(2, 3, 5, 5), torch.tensor([1, 4, 0, 3]), impl=impl)
         tk.TransMix(5, mixup_alpha=0.0, seed=0, impl=impl)(torch.randn(2, 3, 5, 5), torch.randint(0, 5, (2,)))
         tk.attention_rollout([torch.rand(2, 3, 7, 7).softmax(-1)], impl=impl)
+
+
+# --- the registered ops' own CPU bodies --------------------------------------------------------
+
+B_OP = 6
+
+
+def _op_cases():
+    lam, target, partner = torch.rand(B_OP, dtype=torch.float64), torch.randint(0, 5, (B_OP,)), torch.randperm(B_OP)
+    attn, mask = torch.rand(B_OP, 2, 9).softmax(-1), (torch.rand(B_OP, 9) < 0.5).float()
+    images, box = torch.randn(B_OP, 3, 8, 8), torch.tensor([1, 5, 2, 6])
+    return {
+        "targets-only": (lambda_module._lambda_targets_op, (None, None, lam, target, partner, 5, 0.0, 0.1)),
+        "lambda-and-targets": (lambda_module._lambda_targets_op, (attn, mask, lam.float(), target, partner, 5, 0.5, 0.1)),
+        "lambda-only": (lambda_module._lambda_targets_op, (attn, mask, lam.float(), None, None, 5, 0.5, 0.1)),
+        "paste-no-grid": (paste_module._cutmix_paste_op, (images, box, partner, 0, 0)),
+        "paste-grid": (paste_module._cutmix_paste_op, (images, box, partner, 2, 2)),
+        "paste-inplace-no-grid": (paste_module._cutmix_paste_inplace_op, (images.clone(), box, partner, 0, 0, 4, 4)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_op_cases()))
+def test_registered_ops_pass_opcheck(seed, case):
+    """Schema, fake implementation and aliasing of the ops whose CPU bodies pick their kernel with
+    auto_backend (and may return NumPy-backed tensors)."""
+    op, args = _op_cases()[case]
+    torch.library.opcheck(op, args)
