@@ -102,7 +102,7 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"transmix_train.configs": ["*.yaml"]},
+    package_data={"transmix_train.configs": ["*.yaml", "grids/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -28,7 +28,7 @@ def test_no_config_reads_demo_yaml():
     args = parse_args([])
     assert Path(args.config).name == "demo.yaml"
     assert (args.data, args.mix, args.img_size, args.hflip) == ("digits", "transmix", 32, 0.0)
-    assert args.model_kwargs["img_size"] == 32 and args.epochs == 50
+    assert args.model_kwargs["img_size"] == 32 and args.epochs == 70
 
 
 def test_yaml_then_flags_win(tmp_path):
