@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+import transmix_kernels as tk
 from transmix_kernels.data import make_shapes
 from transmix_train.mix_attentive import AttentiveCutMix, CellScorer
 from transmix_train.mix_common import PairMixState, cells_to_pixels
@@ -109,29 +110,65 @@ def test_switch_none_and_mixup(method, batch):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("bad, message", [
-    (lambda x, y: (x[:7], y[:7]), "images must hold an even batch"),
-    (lambda x, y: (x[0], y), "images must be a float"),
-    (lambda x, y: (x, y.int()), "target must be an int64"),
-    (lambda x, y: (x, y[:4]), "target must be an int64"),
-    (lambda x, y: (x, y + K), "target must hold class indices"),
-], ids=["odd-batch", "3d-images", "int32-target", "short-target", "label-out-of-range"])
-def test_bad_input_is_named_and_leaves_images(method, bad, message, batch):
+@pytest.mark.parametrize("bad, error, message", [
+    (lambda x, y: (x[:7], y[:7]), ValueError, "images must hold an even batch"),
+    (lambda x, y: (x[0], y), ValueError, "images must have 4 dimensions"),
+    (lambda x, y: (x.double(), y), TypeError, "images must have dtype"),
+    (lambda x, y: (x, y.int()), TypeError, "target must have dtype"),
+    (lambda x, y: (x, y[:4]), ValueError, "target must have batch size 8"),
+    (lambda x, y: (x, y + K), ValueError, "target must hold values in"),
+], ids=["odd-batch", "3d-images", "float64-images", "int32-target", "short-target", "label-out-of-range"])
+def test_bad_input_is_named_and_leaves_images(method, bad, error, message, batch):
     images, labels = bad(batch[0].clone(), batch[1])
     before = images.clone()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         make_mixer(method)(images, labels)
     assert torch.equal(images, before)
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kwargs, name", [
-    ({"switch_prob": 1.5}, "switch_prob"), ({"prob": -0.1}, "prob"), ({"mixup_alpha": -1.0}, "mixup_alpha"),
-    ({"label_smoothing": 1.0}, "label_smoothing"),
-], ids=["switch_prob", "prob", "mixup_alpha", "smoothing"])
-def test_bad_settings_are_named(method, kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_input_is_refused_as_tk_transmix_refuses_it(method, batch):
+    """The same wrong images/target: the same exception type and message as the library's mixer."""
+    images, labels = batch
+    for bad_images, bad_labels in ((images.double(), labels), (images, labels.int()), (images.numpy(), labels),
+                                   (images, labels + K)):
+        raised = []
+        for mixer in (tk.TransMix(K), make_mixer(method)):
+            with pytest.raises((TypeError, ValueError)) as info:
+                mixer(bad_images, bad_labels)
+            raised.append((info.type, str(info.value)))
+        assert raised[0] == raised[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"switch_prob": 1.5}, ValueError, "switch_prob"), ({"prob": -0.1}, ValueError, "prob"),
+    ({"mixup_alpha": -1.0}, ValueError, "mixup_alpha"), ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+    ({"prob": "1"}, TypeError, "prob must be a number"), ({"mixup_alpha": None}, TypeError, "mixup_alpha"),
+    ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a number"),
+], ids=["switch_prob", "prob", "mixup_alpha", "smoothing", "prob-type", "mixup_alpha-type", "smoothing-type"])
+def test_bad_settings_are_named(method, kwargs, error, name):
+    with pytest.raises(error, match=name):
         make_mixer(method, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name, value", [
+    ("label_smoothing", 1.0), ("label_smoothing", 0.0), ("label_smoothing", 1.0 + 1e-9), ("label_smoothing", -0.1),
+    ("label_smoothing", "0.1"), ("label_smoothing", True), ("prob", 1), ("switch_prob", None),
+    ("mixup_alpha", float("inf")), ("mixup_alpha", "0.8"),
+])
+def test_settings_follow_tk_transmix(method, name, value):
+    """One rule for the library's TransMix and the compared mixers: the same values pass, the same
+    values fail with the same exception type and message (label_smoothing 1.0 included)."""
+    outcomes = []
+    for build in (lambda: tk.TransMix(K, **{name: value}), lambda: make_mixer(method, **{name: value})):
+        try:
+            build()
+            outcomes.append(None)
+        except (TypeError, ValueError) as error:
+            outcomes.append((type(error), str(error)))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_cells_to_pixels_tiles_whole_cells():

@@ -103,8 +103,10 @@ def test_attentive_settings_are_named():
     scorer = FixedScores(torch.zeros(2, 49))
     with pytest.raises(ValueError, match="topk"):
         AttentiveCutMix(K, scorer, topk=50)
-    with pytest.raises(ValueError, match="scorer"):
+    with pytest.raises(TypeError, match="scorer must be a CellScorer"):
         AttentiveCutMix(K, object())
+    with pytest.raises(ValueError, match="topk must be a positive int"):
+        AttentiveCutMix(K, scorer, topk=2.0)
     with pytest.raises(ValueError, match="forward_intermediates"):
         CellScorer(torch.nn.Linear(2, 2))
 
@@ -157,8 +159,10 @@ def test_puzzle_settings_are_named():
                          ({"iterations": 0}, "iterations")):
         with pytest.raises(ValueError, match=name):
             PuzzleMix(K, model, **kwargs)
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         PuzzleMix(K, "not a model")
+    with pytest.raises(TypeError, match="eta must be a number"):
+        PuzzleMix(K, model, eta="2")
 
 
 # ---------------------------------------------------------------- the trainer's factories
@@ -166,6 +170,34 @@ def test_puzzle_settings_are_named():
 def test_factories_need_batch_mode():
     args = parse_args(["--mix", "puzzlemix", "--mixup-mode", "elem"])
     with pytest.raises(ValueError, match="--mixup-mode batch"):
+        create_mixer(args, K, torch.nn.Linear(2, 2), 0)
+
+
+_BAD_FLAGS = [(["--mixup-prob", "1.5"], "--mixup-prob"), (["--mixup-switch-prob", "-1"], "--mixup-switch-prob"),
+              (["--mixup", "-0.5"], "--mixup"), (["--cutmix", "-1"], "--cutmix"), (["--smoothing", "1.5"], "--smoothing")]
+
+
+@pytest.mark.parametrize("mix, argv, flag", [
+    (mix, argv, flag) for mix in ("transmix", "saliencymix", "attentive_cutmix", "puzzlemix") for argv, flag in _BAD_FLAGS
+    if not (mix == "attentive_cutmix" and flag == "--cutmix")  # top-k fixes its lam: no Beta alpha of its own
+])
+def test_factory_errors_name_the_flag(monkeypatch, mix, argv, flag):
+    """Each mixer's bad setting is refused with the flag the user typed, never another flag."""
+    import transmix_train.mix_attentive as attentive
+
+    monkeypatch.setattr(attentive, "load_cell_scorer", lambda path, classes: FixedScores(torch.zeros(2, 49)))
+    args = parse_args(["--mix", mix, "--attentive-checkpoint", "unused.pth", *argv])
+    with pytest.raises(ValueError) as info:
+        create_mixer(args, K, torch.nn.Linear(2, 2), 0)
+    assert str(info.value).startswith(f"{flag}: "), str(info.value)
+
+
+def test_factory_topk_error_names_its_flag(monkeypatch):
+    import transmix_train.mix_attentive as attentive
+
+    monkeypatch.setattr(attentive, "load_cell_scorer", lambda path, classes: FixedScores(torch.zeros(2, 49)))
+    args = parse_args(["--mix", "attentive_cutmix", "--attentive-checkpoint", "unused.pth", "--attentive-topk", "50"])
+    with pytest.raises(ValueError, match=r"^--attentive-topk: topk must be in \[1, 49\]"):
         create_mixer(args, K, torch.nn.Linear(2, 2), 0)
 
 

@@ -26,9 +26,10 @@ import transmix_kernels as tk
 BACKEND = "aot_eager"
 NUM_CLASSES = 5
 # fp32 everywhere; inductor reorders reductions, which moves attention probabilities by ~2e-7
-# and gradients by ~1e-6 on these models.
+# on these models. The gradients are compared under aot_eager only (measured bit-identical to
+# eager's for every family), within the bound the README states for them.
 ATOL, RTOL = 1e-6, 1e-5
-GRAD_ATOL, GRAD_RTOL = 1e-5, 1e-4
+GRAD_ATOL, GRAD_RTOL = ATOL, RTOL
 
 
 @pytest.fixture(autouse=True)

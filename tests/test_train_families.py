@@ -2,8 +2,10 @@
 
 Each family config is run as written except for what a CPU test must shrink: the embedded shapes
 data at 64 px, batch 4, one training step, one val batch. Every batch is forced to CutMix
-(``--mixup-switch-prob 1``) because that is the path under test: the probe reads the step's own
-attention and TransMix's label differs from the area label.
+(``--mixup-switch-prob 1``) with boxes that cover whole tokens (``--cutmix-minmax``) because that
+is the path under test: the targets come from the attention of the step's own forward (checked
+against a separate naive-attention forward of the same images and weights), and that attention
+moves the label.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import matplotlib  # noqa: F401  (the train extra: a missing extra fails here, never skips)
+import yaml
 
-pytest.importorskip("yaml")
-pytest.importorskip("matplotlib")
-
-from transmix_train.build import build_run  # noqa: E402
-from transmix_train.checkpoint import save_checkpoint  # noqa: E402
-from transmix_train.config import parse_args  # noqa: E402
-from transmix_train.distributed import init_processes  # noqa: E402
-from transmix_train.main import main as train_main, run_training  # noqa: E402
-from transmix_train.visualize import compute_figure, main as visualize_main  # noqa: E402
+from transmix_train.build import build_run
+from transmix_train.checkpoint import save_checkpoint
+from transmix_train.config import parse_args
+from transmix_train.distributed import init_processes
+from transmix_train.main import main as train_main, run_training
+from transmix_train.visualize import compute_figure, main as visualize_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "python" / "configs"
 IMAGE_SIZE = 64
@@ -41,39 +42,78 @@ FAMILIES = {
 }
 
 
-# The paper's recipe per model (TRANSMIX.md; drop path from each family's official code or paper):
-# weight decay, warmup epochs, epochs, drop path, CutMix switch probability.
-RECIPE = {
-    "deit_tiny_patch16_224": (0.03, 20, 300, 0.1, 0.5),
-    "deit_small_patch16_224": (0.03, 20, 300, 0.1, 0.5),
-    "deit_base_patch16_224": (0.05, 5, 300, 0.1, 0.8),
-    "deit_small_distilled_patch16_224": (0.03, 20, 300, 0.1, 0.5),
-    "cait_xxs24_224": (0.03, 20, 400, 0.05, 0.5),
-    "xcit_small_12_p16_224": (0.03, 20, 400, 0.05, 0.5),
-    "pvt_v2_b2": (0.03, 20, 300, 0.1, 0.5),
-    "swin_tiny_patch4_window7_224": (0.03, 20, 300, 0.2, 0.5),
-}
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+# Keys of a config that are names or paths to fill in, not recipe numbers (docs/recipes.md says so).
+NOT_RECIPE = {"model", "data", "workers", "teacher"}
+
+
+def markdown_tables(path: Path) -> list[list[dict[str, str]]]:
+    """Every table of a Markdown file, as rows of {header: cell} (cells hold no "|")."""
+    tables: list[list[dict[str, str]]] = []
+    header = None
+    for line in path.read_text().splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+            tables.append([])
+        elif not set("".join(cells)) <= set("-: "):  # not the |---| line under the header
+            tables[-1].append(dict(zip(header, cells)))
+    return tables
+
+
+def documented_recipe(name: str) -> dict:
+    """{key: value} docs/recipes.md gives config ``name``: the shared table, then its row of the
+    per-model table; each cell read as YAML reads the config file."""
+    tables = markdown_tables(RECIPES)
+    shared = next(table for table in tables if list(table[0])[:2] == ["key", "value"])
+    per_model = next(table for table in tables if list(table[0])[0] == "config")
+    cells = {row["key"]: row["value"] for row in shared}
+    row = next(row for row in per_model if row["config"] == name)
+    cells.update({key: cell for key, cell in row.items() if key not in ("config", "sources")})
+    return {key: yaml.safe_load(cell) for key, cell in cells.items()}
+
+
+def recipe_mismatches(path: Path, name: str) -> list[str]:
+    """What config file ``path`` says differently from docs/recipes.md's recipe for ``name``
+    (also a key the file sets that the document gives no source for)."""
+    want = documented_recipe(name)
+    unsourced = sorted(set(yaml.safe_load(path.read_text())) - NOT_RECIPE - set(want))
+    args = parse_args(["--config", str(path)])
+    wrong = [f"{key}: {getattr(args, key)!r} in the config, {value!r} in docs/recipes.md"
+             for key, value in want.items() if getattr(args, key) != value]
+    return [f"{key}: not in docs/recipes.md" for key in unsourced] + wrong
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_config_holds_the_paper_recipe(name):
+def test_family_config_holds_the_documented_recipe(name):
+    assert recipe_mismatches(CONFIGS / f"{name}.yaml", name) == []
     args = parse_args(["--config", str(CONFIGS / f"{name}.yaml")])
-    per_model = (args.weight_decay, args.warmup_epochs, args.epochs, args.drop_path, args.mixup_switch_prob)
-    assert per_model == RECIPE[name]
-    # lr 1e-3 at the paper's global batch of 1024 (8 processes x batch_size), whatever base it is written in.
-    assert args.batch_size * 8 == 1024
-    assert args.lr is None and args.lr_base * 1024 / args.lr_base_size == pytest.approx(1e-3)
-    shared = (args.opt, args.sched, args.warmup_lr, args.min_lr, args.smoothing, args.aa, args.reprob,
-              args.mixup, args.cutmix, args.mix, args.transmix_ratio, args.mixup_mode)
-    assert shared == ("adamw", "cosine", 1e-6, 1e-5, 0.1, "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, "transmix", 0.5,
-                      "batch")
-    distilled = "distilled" in name
-    assert (args.distillation_type == "hard") == distilled and (args.teacher is not None) == distilled
+    # lr_base is the lr at lr_base_size images per step: the global batch of 8 processes.
+    assert args.lr is None and args.batch_size * 8 == args.lr_base_size
+    assert (args.teacher is not None) == (args.distillation_type != "none")
+
+
+def test_a_wrong_number_in_a_config_fails(tmp_path):
+    """The check above can fail: one changed number, one unsourced key."""
+    config = (CONFIGS / "deit_small_patch16_224.yaml").read_text()
+    assert "weight_decay: 0.03\n" in config
+    tampered = tmp_path / "deit_small_patch16_224.yaml"
+    tampered.write_text(config.replace("weight_decay: 0.03\n", "weight_decay: 0.05\nclip_grad: 1.0\n"))
+    assert recipe_mismatches(tampered, "deit_small_patch16_224") == [
+        "clip_grad: not in docs/recipes.md", "weight_decay: 0.05 in the config, 0.03 in docs/recipes.md"]
+
+
+def test_recipes_document_every_family_config():
+    per_model = next(table for table in markdown_tables(RECIPES) if list(table[0])[0] == "config")
+    assert [row["config"] for row in per_model] == list(FAMILIES)
 
 
 def test_every_family_config_is_tested():
     """A config added to python/configs without a test here fails (demo.yaml is the trainer's own)."""
-    shipped = {path.stem for path in CONFIGS.glob("*.yaml")} - {"demo"}
+    shipped = {path.stem for path in CONFIGS.glob("*.yaml")} - {"demo", "deit_base_patch16_384_finetune"}
     assert shipped == set(FAMILIES)
 
 
@@ -95,6 +135,9 @@ def _family_argv(name: str, output: Path) -> list[str]:
         "--batch-size", "4", "--workers", "0", "--device", "cpu", "--epochs", "1",
         "--limit-train-batches", "1", "--limit-val-batches", "1", "--log-interval", "1",
         "--mixup-switch-prob", "1.0",  # every batch CutMix: the attention-reweighted path
+        # Box sides of 30-70 % (19-45 px) always hold a whole 16 px token, so the attention moves
+        # the label (a smaller box can miss every token and leave lam_attn at 1 whatever it is).
+        "--cutmix-minmax", "0.3", "0.7",
         "--output", str(output),
     ]
     kwargs = FAMILIES[name]
@@ -104,17 +147,21 @@ def _family_argv(name: str, output: Path) -> list[str]:
 
 
 class _Recorder:
-    """Wraps the run's mixer and loss to keep what one training step saw: the mix state, the
-    probe's attention at loss time (the training forward's) and the targets the loss got."""
+    """Wraps the run's mixer and loss to keep what the first training step saw: the mixed images,
+    the weights and the random state its forward ran with, the mix state, the probe's attention at
+    loss time and the targets the loss got."""
 
     def __init__(self, run) -> None:
         self.seen: dict = {}
+        self._module = run.module
         self._mixer, self._criterion, self._probe = run.mixing.mixer, run.criterion, run.probe
         run.mixing.mixer, run.criterion = self.mix, self.loss
 
     def mix(self, images, labels):
         images, state = self._mixer(images, labels)
-        self.seen.setdefault("mix", state)
+        if "mix" not in self.seen:  # the forward comes next: nothing between draws random numbers
+            self.seen.update(mix=state, images=images.detach().clone(), rng=torch.get_rng_state(),
+                             weights={k: v.detach().clone() for k, v in self._module.state_dict().items()})
         return images, state
 
     def loss(self, images, outputs, targets):
@@ -123,6 +170,49 @@ class _Recorder:
             self.seen.update(targets=targets.detach().clone(), attention=self._probe.attention().clone(),
                              loss=float(value.detach()))
         return value
+
+
+def _attention_read(model: torch.nn.Module):
+    """The attention module the probe reads at ``--attn-source last`` and how its map comes from
+    the (B, heads, queries, keys) softmax probabilities: the class token's row over the patch
+    keys, or (no class token) the attention each token receives, the mean over queries and heads."""
+    from timm.models.cait import Cait
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.xcit import Xcit
+
+    if isinstance(model, VisionTransformer):  # DeiT, distilled too (two prefix tokens)
+        prefix = model.num_prefix_tokens
+        return model.blocks[-1].attn, lambda probs: probs[:, :, 0, prefix:].mean(1)
+    if isinstance(model, (Cait, Xcit)):  # class attention: one query, the class token, then patches
+        blocks = model.blocks_token_only if isinstance(model, Cait) else model.cls_attn_blocks
+        return blocks[-1].attn, lambda probs: probs[:, :, 0, 1:].mean(1)
+    if isinstance(model, PyramidVisionTransformerV2):
+        return model.stages[-1].blocks[-1].attn, lambda probs: probs.mean((1, 2))
+    if isinstance(model, SwinTransformer):  # at 64 px the last stage is one unshifted window
+        return model.layers[-1].blocks[-1].attn, lambda probs: probs.mean((1, 2))
+    raise AssertionError(f"no attention read for {type(model).__name__}")
+
+
+def naive_step_attention(run, seen: dict) -> torch.Tensor:
+    """(B, patches) attention of the recorded step's forward, recomputed apart from the probe
+    once the run is over (its probe removed): the run's model back at the step's weights, its
+    probed attention on timm's naive path (``fused_attn`` off, so the softmax probabilities exist;
+    read as they enter ``attn_drop``), run on the step's mixed images from the step's random state
+    (drop path draws the same masks)."""
+    model = run.module
+    model.load_state_dict(seen["weights"])
+    attention, read = _attention_read(model.train())
+    attention.fused_attn = False
+    probs = []
+    handle = attention.attn_drop.register_forward_hook(lambda module, args, output: probs.append(args[0]))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(seen["rng"])
+        model(seen["images"])
+    handle.remove()
+    assert len(probs) == 1
+    return read(probs[0])
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -145,8 +235,12 @@ def test_family_config_trains_with_transmix(name, tmp_path):
     assert mix.kind == "cutmix"
     assert math.isfinite(recorder.seen["loss"])
     assert torch.isfinite(attention).all() and torch.allclose(attention.sum(1), torch.ones(len(attention)))
-    # The loss got exactly the targets of this attention, and the attention moved the label.
-    torch.testing.assert_close(targets, mix.targets(attention))
+    # The loss got the targets of this step's own forward: the same mixed images and weights run
+    # again through timm's naive attention give the same targets (the probe recomputes the
+    # attention from q and k; the fused forward never materialises it).
+    torch.testing.assert_close(targets, mix.targets(naive_step_attention(run, recorder.seen)), rtol=1e-4, atol=1e-5)
+    # and the attention moved the label: other attention (uniform) gives other targets.
+    assert (mix.targets(torch.ones_like(attention)) - targets).abs().max() > 1e-4
     lam, lam_area = mix.lambdas(attention), mix.lam_area
     assert ((lam > 0) & (lam < 1)).all(), f"degenerate TransMix lam {lam.tolist()}"
     assert (lam - lam_area).abs().max() > 1e-4, f"lam {lam.tolist()} equals lam_area {lam_area.tolist()}"

@@ -186,6 +186,7 @@ CASES = [
     # ---------------------------------------------------------------- TransMix hyper-parameters
     case(lambda t: tk.TransMix(K, mixup_alpha=-1.0), ValueError, r"mixup_alpha must be a finite number", "tm-mixup-alpha"),
     case(lambda t: tk.TransMix(K, mixup_alpha=float("nan")), ValueError, r"mixup_alpha", "tm-mixup-alpha-nan"),
+    case(lambda t: tk.TransMix(K, mixup_alpha="0.8"), TypeError, r"mixup_alpha must be a number", "tm-mixup-alpha-type"),
     case(lambda t: tk.TransMix(K, cutmix_alpha=-0.5), ValueError, r"cutmix_alpha must be", "tm-cutmix-alpha"),
     case(lambda t: tk.TransMix(K, mixup_alpha=0.0, cutmix_alpha=0.0), ValueError, r"mixup_alpha and cutmix_alpha",
          "tm-both-zero"),

@@ -46,6 +46,7 @@ __all__ = [
     "block_size",
     "check_batch",
     "check_index_range",
+    "check_non_negative",
     "check_num_prefix_tokens",
     "check_partner",
     "check_positive_int",
@@ -218,6 +219,15 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (low <= float(value) <= high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: float) -> float:
+    """A finite Python number >= 0 (a Beta alpha): TypeError for a non-number, ValueError otherwise."""
+    if not is_number(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 <= float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 

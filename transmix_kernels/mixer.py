@@ -20,13 +20,13 @@ from ._utils import (
     FLOAT_DTYPES,
     IMPLS,
     check_index_range,
+    check_non_negative,
     check_positive_int,
     check_range,
     check_tensor,
     flipped_partner,
     is_dense,
     is_int,
-    is_number,
     resolve_backend,
 )
 from .boxes import box_corners
@@ -232,8 +232,8 @@ class TransMix:
         check_positive_int("num_classes", num_classes)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mixup_alpha = self._non_negative("mixup_alpha", mixup_alpha)
-        self.cutmix_alpha = self._non_negative("cutmix_alpha", cutmix_alpha)
+        self.mixup_alpha = check_non_negative("mixup_alpha", mixup_alpha)
+        self.cutmix_alpha = check_non_negative("cutmix_alpha", cutmix_alpha)
         if cutmix_minmax is not None:
             if not isinstance(cutmix_minmax, (tuple, list)) or len(cutmix_minmax) != 2:
                 raise ValueError(f"cutmix_minmax must be a (min, max) pair, got {cutmix_minmax!r}")
@@ -261,12 +261,6 @@ class TransMix:
         self.impl = impl
         self.mixup_enabled = True
         self.rng = np.random.default_rng(seed)
-
-    @staticmethod
-    def _non_negative(name: str, value: float) -> float:
-        if not is_number(value) or not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        return float(value)
 
     @staticmethod
     def _pair(name: str, value):

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transmix_kernels._utils import check_positive_int
 
 from .mix_common import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
 
@@ -44,9 +45,7 @@ class CellScorer(nn.Module):
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
             raise ValueError(f"{type(model).__name__} has no timm feature_info/forward_intermediates: "
                              "Attentive-CutMix needs a timm CNN (e.g. resnet18, resnet50)")
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"grid must be a positive int, got {grid!r}")
-        self.model, self.grid = model.eval().requires_grad_(False), grid
+        self.model, self.grid = model.eval().requires_grad_(False), check_positive_int("grid", grid)
         self.reductions = [int(info["reduction"]) for info in model.feature_info]
 
     def level_for(self, size: int) -> int:
@@ -104,10 +103,10 @@ class AttentiveCutMix(SwitchedMixer):
         super().__init__(num_classes, mixup_alpha=mixup_alpha, alpha=0.0, switch_prob=switch_prob, prob=prob,
                          label_smoothing=label_smoothing, seed=seed)
         if not isinstance(scorer, CellScorer):
-            raise ValueError(f"scorer must be a CellScorer, got {type(scorer).__name__}")
+            raise TypeError(f"scorer must be a CellScorer, got {type(scorer).__name__}")
         cells = scorer.grid * scorer.grid
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= cells:
-            raise ValueError(f"topk must be an int in [1, {cells}] (cells of the {scorer.grid}x{scorer.grid} grid), "
+        if check_positive_int("topk", topk) > cells:
+            raise ValueError(f"topk must be in [1, {cells}] (cells of the {scorer.grid}x{scorer.grid} grid), "
                              f"got {topk!r}")
         self.scorer, self.topk = scorer, topk
 

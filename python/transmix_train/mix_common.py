@@ -20,6 +20,15 @@ import numpy as np
 import torch
 
 import transmix_kernels as tk
+from transmix_kernels._utils import (
+    FLOAT_DTYPES,
+    check_batch,
+    check_index_range,
+    check_non_negative,
+    check_positive_int,
+    check_range,
+    check_tensor,
+)
 
 __all__ = ["PairMixState", "SwitchedMixer", "cells_to_pixels", "flipped_partner", "paste_mask"]
 
@@ -83,12 +92,6 @@ def paste_mask(images: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor) 
     return 1.0 - mask.flatten(1).float().mean(1)
 
 
-def _check_probability(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
 class SwitchedMixer:
     """Base of the compared mixers: checks, the Mixup/method switch, the unmixed case.
 
@@ -107,17 +110,13 @@ class SwitchedMixer:
 
     def __init__(self, num_classes: int, *, mixup_alpha: float = 0.8, alpha: float = 1.0, switch_prob: float = 0.5,
                  prob: float = 1.0, label_smoothing: float = 0.1, seed: Optional[int] = None) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        for name, value in (("mixup_alpha", mixup_alpha), ("alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        self.num_classes, self.mixup_alpha, self.alpha = num_classes, float(mixup_alpha), float(alpha)
-        self.switch_prob = _check_probability("switch_prob", switch_prob)
-        self.prob = _check_probability("prob", prob)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        self.smoothing = float(label_smoothing)
+        # tk.TransMix's own checks: one rule for every mixer (types: TypeError, values: ValueError).
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.mixup_alpha = check_non_negative("mixup_alpha", mixup_alpha)
+        self.alpha = check_non_negative("alpha", alpha)
+        self.switch_prob = check_range("switch_prob", switch_prob, 0.0, 1.0)
+        self.prob = check_range("prob", prob, 0.0, 1.0)
+        self.smoothing = check_range("label_smoothing", label_smoothing, 0.0, 1.0)
         self.rng = np.random.default_rng(seed)
         self._mixup: Optional[tk.TransMix] = None
         if self.mixup_alpha > 0:
@@ -130,21 +129,14 @@ class SwitchedMixer:
         return float(self.rng.beta(self.alpha, self.alpha)) if self.alpha > 0 else 1.0
 
     def check_call(self, images: torch.Tensor, target: torch.Tensor) -> None:
-        """Clear errors naming the argument, before anything is touched."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a float (B, C, H, W) tensor, got {got}")
+        """Clear errors naming the argument, before anything is touched (``tk.TransMix``'s checks)."""
+        check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
         batch = images.shape[0]
         if batch < 2 or batch % 2:
             raise ValueError(f"images must hold an even batch of at least 2 (pairs i, B-1-i), got {batch}")
-        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or tuple(target.shape) != (batch,):
-            got = f"{target.dtype} {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
-            raise ValueError(f"target must be an int64 ({batch},) tensor like images' batch, got {got}")
-        if target.device != images.device:
-            raise ValueError(f"target must be on images' device {images.device}, got {target.device}")
-        if int(target.min()) < 0 or int(target.max()) >= self.num_classes:
-            raise ValueError(f"target must hold class indices in [0, {self.num_classes}), got values in "
-                             f"[{int(target.min())}, {int(target.max())}]")
+        check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
+        check_batch("target", target, batch)
+        check_index_range("target", target, 0, self.num_classes)
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor):
         """Mix ``images`` (B, C, H, W) in place; ``target`` (B,) int64. Returns (images, state)."""

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transmix_kernels._utils import check_non_negative, check_positive_int
 
 from .mix_common import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
 
@@ -132,17 +133,13 @@ class PuzzleMix(SwitchedMixer):
         super().__init__(num_classes, mixup_alpha=mixup_alpha, alpha=alpha, switch_prob=switch_prob, prob=prob,
                          label_smoothing=label_smoothing, seed=seed)
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module (the model being trained), got {type(model).__name__}")
+            raise TypeError(f"model must be a torch.nn.Module (the model being trained), got {type(model).__name__}")
         sizes = tuple(grid_sizes)
-        if not sizes or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in sizes):
-            raise ValueError(f"grid_sizes must be positive ints, got {grid_sizes!r}")
-        for name, value in (("beta", beta), ("eta", eta)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-        self.model, self.grid_sizes = model, sizes
-        self.beta, self.eta, self.iterations = float(beta), float(eta), iterations
+        if not sizes:
+            raise ValueError(f"grid_sizes must hold at least one size, got {grid_sizes!r}")
+        self.model, self.grid_sizes = model, tuple(check_positive_int("grid_sizes", g) for g in sizes)
+        self.beta, self.eta = check_non_negative("beta", beta), check_non_negative("eta", eta)
+        self.iterations = check_positive_int("iterations", iterations)
 
     def _mix(self, images: torch.Tensor, target: torch.Tensor, partner: torch.Tensor) -> PairMixState:
         _, _, height, width = images.shape

@@ -21,7 +21,7 @@ from timm.data.mixup import one_hot
 
 import transmix_kernels as tk
 
-__all__ = ["MIXERS", "Mixing", "NoMix", "create_mixer"]
+__all__ = ["ARGUMENT_FLAGS", "MIXERS", "Mixing", "NoMix", "create_mixer"]
 
 
 @dataclass
@@ -111,10 +111,7 @@ def _attentive_cutmix(args, num_classes, model, seed) -> Mixing:
         raise ValueError("--mix attentive_cutmix needs --attentive-checkpoint CKPT: a transmix-train checkpoint of a "
                          "timm CNN (e.g. --model resnet18 --mix none); transmix-experiment trains one when none is given")
     scorer = load_cell_scorer(args.attentive_checkpoint, num_classes)
-    try:
-        mixer = AttentiveCutMix(num_classes, scorer, topk=args.attentive_topk, **_switched(args, seed))
-    except ValueError as error:
-        raise ValueError(f"--attentive-topk: {error}") from None
+    mixer = AttentiveCutMix(num_classes, scorer, topk=args.attentive_topk, **_switched(args, seed))
     return Mixing(mixer, uses_attention=False, name="attentive_cutmix")
 
 
@@ -123,6 +120,31 @@ def _puzzlemix(args, num_classes, model, seed) -> Mixing:
 
     return Mixing(PuzzleMix(num_classes, model, alpha=args.cutmix, **_switched(args, seed)), uses_attention=False,
                   name="puzzlemix")
+
+
+#: The flag behind each mixer argument: the mixers' checks name their argument first ("prob must
+#: be ..."), and a trainer error names the flag the user typed.
+ARGUMENT_FLAGS: dict[str, str] = {
+    "mixup_alpha": "--mixup",
+    "cutmix_alpha": "--cutmix",
+    "alpha": "--cutmix",  # the compared variants' own Beta alpha takes CutMix's place
+    "cutmix_minmax": "--cutmix-minmax",
+    "prob": "--mixup-prob",
+    "switch_prob": "--mixup-switch-prob",
+    "mode": "--mixup-mode",
+    "label_smoothing": "--smoothing",
+    "ratio": "--transmix-ratio",
+    "topk": "--attentive-topk",
+}
+
+
+def _flag_error(mix: str, error: Exception) -> ValueError:
+    """``error`` of a mixer's check as a ValueError that starts with the flag it is about."""
+    message = str(error)
+    if message.startswith("--"):  # a factory's own error already names its flag
+        return ValueError(message)
+    argument = message.split(" ", 1)[0].split("[", 1)[0]
+    return ValueError(f"{ARGUMENT_FLAGS.get(argument, f'--mix {mix}')}: {message}")
 
 
 #: name -> factory(args, num_classes, model, seed) -> Mixing
@@ -140,8 +162,11 @@ MIXERS: dict[str, Callable[..., Mixing]] = {
 def create_mixer(args: argparse.Namespace, num_classes: int, model: Optional[torch.nn.Module], seed: int) -> Mixing:
     """The ``--mix`` mixer; ``seed`` should differ per rank (each rank draws its own boxes).
 
-    Bad mixing hyper-parameters are a ``ValueError`` (TransMix's own checks name the argument).
+    Bad mixing hyper-parameters are a ``ValueError`` that starts with the flag (:data:`ARGUMENT_FLAGS`).
     """
     if args.mix not in MIXERS:
         raise ValueError(f"--mix {args.mix!r}: choose one of {', '.join(MIXERS)}")
-    return MIXERS[args.mix](args, num_classes, model, seed)
+    try:
+        return MIXERS[args.mix](args, num_classes, model, seed)
+    except (ValueError, TypeError) as error:
+        raise _flag_error(args.mix, error) from error
