@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from timm.loss import BinaryCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, random_seed
@@ -31,9 +32,10 @@ from .distributed import ProcessInfo
 from .engine import DistillationLoss, StepConfig
 from .loader import create_loaders
 from .mixers import create_mixer, Mixing
-from .model import build_model, check_probe_support, load_teacher
+from .model import build_model, build_teacher, check_probe_support, check_weight_flags
+from .tracking import check_tracking
 
-__all__ = ["Run", "build_run", "check_config", "resolve_output", "rank_seed"]
+__all__ = ["Run", "base_loss", "build_run", "check_config", "resolve_output", "rank_seed"]
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Run:
     ema: Optional[ModelEmaV3]
     train_loader: Any
     val_loader: Any
-    sampler: Any
+    loaders: Any  # loader.Loaders: set_epoch(epoch, skip_batches) before each epoch
     step: StepConfig
     num_epochs: int
     updates_per_epoch: int
@@ -60,6 +62,7 @@ class Run:
     lr: float
     output: Optional[Path]
     checkpoint: Optional[dict]
+    trackers: Any = None  # tracking.Trackers, opened by main.run_training once the output folder exists
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -78,6 +81,11 @@ def check_config(args: argparse.Namespace, info: ProcessInfo) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("checkpoint_hist", "recovery_interval", "aug_repeats"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.aug_repeats == 1:
+        raise ValueError("--aug-repeats 1 repeats nothing: use 0 (off) or >= 2 (DeiT uses 3)")
     for name in ("stop_after_epochs", "limit_train_batches", "limit_val_batches", "validation_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -87,8 +95,48 @@ def check_config(args: argparse.Namespace, info: ProcessInfo) -> None:
                          f"with image B-1-i and need an even batch (--mix {args.mix})")
     if args.eval_only and not args.resume:
         raise ValueError("--eval-only needs --resume CKPT (the checkpoint to evaluate)")
-    if args.distillation_type != "none" and not args.teacher:
-        raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher CKPT")
+    check_weight_flags(args)
+    if args.distillation_type != "none" and not (args.teacher or args.teacher_model):
+        raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher CKPT or --teacher-model NAME")
+    _check_recipe_switches(args)
+    check_tracking(args)
+
+
+def _check_recipe_switches(args: argparse.Namespace) -> None:
+    """``--mixup-off-epoch`` and the ``--bce-*`` options."""
+    if args.mixup_off_epoch < 0:
+        raise ValueError(f"--mixup-off-epoch must be >= 0 (0: mix every epoch), got {args.mixup_off_epoch}")
+    if not args.bce_loss:
+        given = [flag for flag, value in (("--bce-target-thresh", args.bce_target_thresh is not None),
+                                          ("--bce-pos-weight", args.bce_pos_weight is not None),
+                                          ("--bce-sum", args.bce_sum)) if value]
+        if given:
+            raise ValueError(f"{given[0]} sets up the BCE loss: it needs --bce-loss")
+        return
+    if args.bce_target_thresh is not None and not 0.0 <= args.bce_target_thresh < 1.0:
+        raise ValueError(f"--bce-target-thresh must be in [0, 1) (targets above it become 1), "
+                         f"got {args.bce_target_thresh}")
+    if args.bce_pos_weight is not None and not (math.isfinite(args.bce_pos_weight) and args.bce_pos_weight > 0):
+        raise ValueError(f"--bce-pos-weight must be a finite number > 0, got {args.bce_pos_weight}")
+
+
+def base_loss(args: argparse.Namespace, device: torch.device) -> Optional[nn.Module]:
+    """``--bce-loss``: timm's BinaryCrossEntropy on the soft targets; None: soft-target cross-entropy."""
+    if not args.bce_loss:
+        return None
+    # smoothing 0: the mixers' targets are dense and already smoothed (timm smooths only sparse ones).
+    return BinaryCrossEntropy(smoothing=0.0, target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                              pos_weight=args.bce_pos_weight).to(device)
+
+
+def _grad_checkpointing(module: nn.Module, args: argparse.Namespace) -> None:
+    """``--grad-checkpointing``: timm's ``set_grad_checkpointing`` (the probe skips recomputed forwards)."""
+    if not args.grad_checkpointing:
+        return
+    try:
+        module.set_grad_checkpointing(True)
+    except (AssertionError, AttributeError, NotImplementedError) as error:
+        raise ValueError(f"--grad-checkpointing: --model {args.model} does not support it ({error})") from None
 
 
 def resolve_output(args: argparse.Namespace) -> Optional[Path]:
@@ -163,10 +211,16 @@ def attach_probe(module: nn.Module, args: argparse.Namespace, uses_attention: bo
         return module, probe
 
 
+#: ``--opt`` names whose torch optimizer is fused unless ``--no-fused-opt``.
+FUSED_BY_DEFAULT = ("adam", "adamw")
+
+
 def _optimizer(args: argparse.Namespace, module: nn.Module, info: ProcessInfo):
     global_batch = args.batch_size * info.world_size * args.grad_accum_steps
     lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    fused = args.fused_opt if args.fused_opt is not None else info.device.type == "cuda"
+    # torch's fused Adam/AdamW kernels run on CUDA and on the CPU (4x faster than the per-tensor loop
+    # for the demo's model); timm's other optimizers take no such argument.
+    fused = args.fused_opt if args.fused_opt is not None else args.opt.lower() in FUSED_BY_DEFAULT
     cfg = argparse.Namespace(**{**vars(args), "lr": lr, "opt_args": {"fused": True} if fused else None})
     try:
         return create_optimizer_v2(module, **optimizer_kwargs(cfg=cfg)), lr
@@ -190,12 +244,13 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
         raise ValueError(f"--resume {args.resume}: the checkpoint is a {checkpoint['arch']}, not --model {args.model}")
     train_set, val_set, num_classes = create_datasets(args)
     random_seed(args.seed, 0)  # the same initial weights on every rank
-    module = build_model(args, num_classes)
+    module = build_model(args, num_classes, weights=checkpoint is None)  # a resume brings its own weights
+    _grad_checkpointing(module, args)
     settings = data_settings(args, train_set, module)
     mixing = create_mixer(args, num_classes, module, rank_seed(args.seed, info.rank))
     if mixing.uses_attention:
         check_probe_support(module, args.model, settings.input_size[-1], args.attn_source)
-    teacher = load_teacher(args.teacher, num_classes, info.device) if args.teacher else None
+    teacher = build_teacher(args, num_classes, info.device, settings.input_size[-1])
     if teacher is not None and args.distillation_type != "none":
         if not hasattr(module, "set_distilled_training"):
             raise ValueError(f"--teacher with --model {args.model}: distillation needs a distilled model "
@@ -208,8 +263,9 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
     if channels_last:
         module.to(memory_format=torch.channels_last)
     optimizer, lr = _optimizer(args, module, info)
-    train_loader, val_loader, sampler = create_loaders(args, train_set, val_set, settings, rank=info.rank,
-                                                       world_size=info.world_size, device=info.device)
+    loaders = create_loaders(args, train_set, val_set, settings, rank=info.rank, world_size=info.world_size,
+                             device=info.device)
+    train_loader, val_loader = loaders.train, loaders.val
     steps = min(len(train_loader), args.limit_train_batches or len(train_loader))
     if steps < 1:
         raise ValueError(f"--batch-size {args.batch_size}: larger than this process's share of the "
@@ -227,11 +283,13 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
         ema_update=(lambda n: ema.update(module, step=n)) if ema is not None else None,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
         log_interval=args.log_interval, log=log, distributed=info.distributed, world_size=info.world_size,
+        random_erasing=loaders.random_erasing, recovery_interval=args.recovery_interval,
     )
-    criterion = DistillationLoss(teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
+    criterion = DistillationLoss(teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
+                                 base=base_loss(args, info.device))
     return Run(
         args=args, info=info, module=module, model=model, mixing=mixing, probe=probe, criterion=criterion,
         optimizer=optimizer, scheduler=scheduler, ema=ema, train_loader=train_loader, val_loader=val_loader,
-        sampler=sampler, step=step, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch,
+        loaders=loaders, step=step, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch,
         num_classes=num_classes, lr=lr, output=output, checkpoint=checkpoint,
     )

@@ -13,6 +13,11 @@ Layout (a plain dict that ``timm.models.load_checkpoint`` reads, ``weights_only`
     state_dict_ema  EMA weights when --model-ema (timm's load_checkpoint prefers them)
     scheduler, scaler, best_metric, best_epoch, world_size
     rng             one entry per rank: Python, NumPy, torch (CPU and CUDA) and TransMix states
+    num_updates     optimizer updates so far (the lr schedule's position)
+    history         ``--checkpoint-hist``'s kept files and their val top-1
+    progress        only in a mid-epoch recovery checkpoint (``recovery-<epoch>-<update>.pth``,
+                    ``--recovery-interval``): the epoch under way and how far it got (micro-batches,
+                    loss sum, images, seconds); ``epoch`` is then the last finished one
 
 A write goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
 the old file (``os.replace`` is atomic on POSIX): a kill at any moment leaves the previous
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CHECKPOINT_VERSION", "capture_rng", "copy_checkpoint", "read_checkpoint", "restore_rng", "save_checkpoint",
+    "CHECKPOINT_VERSION", "CheckpointHistory", "capture_rng", "copy_checkpoint", "read_checkpoint", "restore_rng", "save_checkpoint",
 ]
 
 CHECKPOINT_VERSION = 2
@@ -104,3 +109,50 @@ def restore_rng(state: dict[str, Any], mixer: Optional[object] = None) -> None:
     rng = getattr(mixer, "rng", None)
     if rng is not None and "mixer" in state:
         rng.bit_generator.state = state["mixer"]
+
+
+class CheckpointHistory:
+    """``--checkpoint-hist N``: the N best epochs kept as ``checkpoint-<epoch>.pth`` (timm's top-N).
+
+    Ranked by val top-1, higher first, ties keeping the earlier epoch, as timm's ``CheckpointSaver``.
+    Each kept file is a hard link to that epoch's ``last.pth`` (a copy where links are not allowed).
+    :meth:`state_dict` goes into every checkpoint, so a resumed run keeps ranking the same files.
+    """
+
+    def __init__(self, folder: str | os.PathLike, keep: int) -> None:
+        self.folder, self.keep = Path(folder), keep
+        self.files: list[tuple[str, float]] = []  # (file name, metric), best first
+
+    def state_dict(self) -> list[list]:
+        return [[name, metric] for name, metric in self.files]
+
+    def load_state_dict(self, files: list) -> None:
+        self.files = [(name, float(metric)) for name, metric in files if (self.folder / name).is_file()]
+
+    def rank(self, epoch: int, metric: float) -> None:
+        """Enter ``epoch`` into the ranking (before its checkpoint is written, which records it)."""
+        self._pending: tuple[Optional[str], list[str]] = (None, [])
+        if self.keep < 1:
+            return
+        name = f"checkpoint-{epoch}.pth"
+        ranked = sorted([*self.files, (name, metric)], key=lambda item: -item[1])  # stable: earlier wins ties
+        self.files = ranked[:self.keep]
+        kept = name if (name, metric) in self.files else None
+        self._pending = (kept, [old for old, _ in ranked[self.keep:] if old != name])
+
+    def write(self, last: Path) -> None:
+        """After ``last`` (that epoch's checkpoint) is written: keep it if it ranked, drop the evicted."""
+        kept, dropped = getattr(self, "_pending", (None, []))
+        if kept is not None:
+            _link_or_copy(last, self.folder / kept)
+        for old in dropped:
+            (self.folder / old).unlink(missing_ok=True)
+        self._pending = (None, [])
+
+
+def _link_or_copy(source: Path, path: Path) -> None:
+    path.unlink(missing_ok=True)
+    try:
+        os.link(source, path)
+    except OSError:
+        copy_checkpoint(source, path)

@@ -10,10 +10,14 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
 
 - run: ``--config``, ``--output``, ``--seed``, ``--device``, ``--resume``, ``--eval-only``,
   ``--stop-after-epochs``, ``--limit-train-batches``, ``--limit-val-batches``, ``--log-interval``,
-  ``--dist-backend``
-- data: ``--data`` (digits | shapes | synthetic | PATH with train/ and val/), ``--img-size``,
-  ``--num-classes`` (synthetic), ``--train-size`` / ``--val-size`` (shapes, synthetic),
-  ``--val-fraction`` (digits), ``--workers``, ``--batch-size`` (per process), ``--total-batch-size``,
+  ``--checkpoint-hist``, ``--recovery-interval``, ``--dist-backend``
+- data: ``--data`` (digits | shapes | synthetic | PATH with train/ and val/), timm's
+  ``create_dataset`` sources: ``--dataset`` (hfds/ | hfids/ | wds/ | tfds/ | torch/ NAME, or a
+  folder or tar), ``--data-dir``, ``--train-split``, ``--val-split``, ``--class-map``,
+  ``--dataset-download``, ``--train-num-samples`` / ``--val-num-samples``, ``--input-key`` /
+  ``--target-key``; ``--img-size``, ``--num-classes`` (synthetic, or data without class names),
+  ``--train-size`` / ``--val-size`` (shapes, synthetic),
+  ``--val-fraction`` (digits), ``--workers``, ``--batch-size`` (per process), ``--aug-repeats``, ``--total-batch-size``,
   ``--validation-batch-size``
 - augmentation (timm ``create_transform``): ``--base-aug`` (random resized crop + flips; off: a
   plain resize), ``--crop-scale``, ``--crop-ratio``, ``--hflip``, ``--vflip``, ``--color-jitter``,
@@ -23,18 +27,23 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
   ``--attentive-checkpoint``, ``--attentive-topk``, ``--mixup``, ``--cutmix``,
   ``--cutmix-minmax``, ``--mixup-prob``, ``--mixup-switch-prob``, ``--mixup-mode``
   (batch | pair | elem), ``--smoothing``, ``--attn-source`` (last | rollout | block index),
-  ``--transmix-ratio`` (weight of the area lam)
-- model: ``--model``, ``--model-kwargs key=value ...``, ``--drop-path``, ``--drop``,
+  ``--transmix-ratio`` (weight of the area lam), ``--mixup-off-epoch``, ``--bce-loss``,
+  ``--bce-target-thresh``, ``--bce-pos-weight``, ``--bce-sum``
+- model: ``--model``, ``--model-kwargs key=value ...``, ``--pretrained``, ``--pretrained-path``,
+  ``--initial-checkpoint``, ``--drop-path``, ``--drop``,
   ``--model-ema``, ``--model-ema-decay``, ``--model-ema-warmup``, ``--compile``, ``--compile-backend``,
-  ``--channels-last``, ``--amp``, ``--amp-dtype``
+  ``--channels-last``, ``--amp``, ``--amp-dtype``, ``--grad-checkpointing``
 - optimisation: ``--opt``, ``--lr`` (absolute), ``--lr-base`` / ``--lr-base-size`` (DeiT's
   scaling: lr = lr_base * global batch / lr_base_size when ``--lr`` is not given),
   ``--weight-decay``, ``--momentum``, ``--opt-eps``, ``--opt-betas``, ``--layer-decay``,
   ``--fused-opt``, ``--clip-grad``, ``--clip-mode``, ``--grad-accum-steps``
 - schedule (timm ``create_scheduler_v2``): ``--sched``, ``--epochs``, ``--warmup-epochs``,
   ``--warmup-lr``, ``--min-lr``, ``--cooldown-epochs``, ``--sched-on-updates``
-- distillation (DeiT, hard): ``--teacher`` (checkpoint path), ``--distillation-type``,
+- distillation (DeiT, hard): ``--teacher`` (checkpoint path) or ``--teacher-model`` with
+  ``--teacher-pretrained`` / ``--teacher-path``, ``--distillation-type``,
   ``--distillation-alpha``, ``--distillation-tau``
+- tracking (the ``track`` extra): ``--log-tensorboard``, ``--log-wandb``, ``--wandb-project``,
+  ``--wandb-tags``, ``--wandb-resume-id``
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ MIX_CHOICES = tuple(MIXERS)
 # Flags that only exist on the command line (never read from a YAML file).
 _CLI_ONLY = ("config",)
 # Keys of one invocation, not of the run: a checkpoint's saved config does not carry them over.
-_PER_INVOCATION = ("config", "resume", "eval_only", "stop_after_epochs", "output")
+_PER_INVOCATION = ("config", "resume", "eval_only", "stop_after_epochs", "output", "wandb_resume_id")
 
 
 def attn_source(value: str | int) -> str | int:
@@ -124,23 +133,56 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit-val-batches", type=_optional_int, default=None, metavar="N",
                        help="at most N val batches per evaluation")
     group.add_argument("--log-interval", type=int, default=50, help="log a line every N steps")
+    group.add_argument("--checkpoint-hist", type=int, default=0, metavar="N",
+                       help="also keep the N best epochs as checkpoint-<epoch>.pth (timm's top-N; 0: only last.pth "
+                            "and best.pth)")
+    group.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+                       help="write recovery-<epoch>-<update>.pth every N optimizer updates inside an epoch (the newest "
+                            "is kept until the epoch ends); --resume from it continues exactly")
     group.add_argument("--dist-backend", default=None, help="torch.distributed backend (default nccl on GPU, gloo on CPU)")
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", default="digits",
-                       help="digits | shapes | synthetic | PATH (ImageFolder with PATH/train and PATH/val)")
+                       help="digits | shapes | synthetic | PATH (short for --data-dir PATH: a folder with train/ "
+                            "and val/ class folders, read by timm's create_dataset)")
+    group.add_argument("--dataset", default="", metavar="NAME",
+                       help="a timm create_dataset source: hfds/NAME, hfids/NAME (Hugging Face, hub name or local "
+                            "folder), wds/NAME (WebDataset shards in --data-dir), tfds/NAME, torch/NAME (torchvision: "
+                            "mnist, cifar10, image_folder ...); empty: the folder or tar in --data-dir")
+    group.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="the data's folder (hfds/hfids: the cache folder); overrides --data")
+    group.add_argument("--train-split", default="train", metavar="NAME", help="train split (default: train)")
+    group.add_argument("--val-split", default="validation", metavar="NAME",
+                       help="val split (default: validation; a folder named val/ or valid/ is found too)")
+    group.add_argument("--class-map", default="", metavar="FILE",
+                       help="class name -> index as timm reads it: a .txt with one class per line (index = line), "
+                            "or a .pkl dict; default: classes in sorted order")
+    group.add_argument("--dataset-download", action=argparse.BooleanOptionalAction, default=False,
+                       help="let torch/ and tfds/ sets download, and prepare hfids/ sets (gives their size)")
+    group.add_argument("--train-num-samples", type=_optional_int, default=None, metavar="N",
+                       help="images in the train split, for hfids/ wds/ tfds/ sources that do not say")
+    group.add_argument("--val-num-samples", type=_optional_int, default=None, metavar="N",
+                       help="images in the val split, for hfids/ wds/ tfds/ sources that do not say")
+    group.add_argument("--input-key", default=None, metavar="KEY",
+                       help="image column/field of hfds/ hfids/ wds/ tfds/ sources (timm's default: image, jpg...)")
+    group.add_argument("--target-key", default=None, metavar="KEY",
+                       help="label column/field of hfds/ hfids/ wds/ tfds/ sources (timm's default: label, cls)")
     group.add_argument("--img-size", type=_optional_int, default=None,
                        help="input size (default: 32 for digits/shapes, the model's for folders and synthetic)")
     group.add_argument("--num-classes", type=_optional_int, default=None,
-                       help="classes of the synthetic set (others: from the data)")
+                       help="classes of the synthetic set, and of sources that do not name their classes "
+                            "(e.g. wds/ without --class-map); others: from the data")
     group.add_argument("--train-size", type=int, default=5000, help="images in the shapes/synthetic train split")
     group.add_argument("--val-size", type=int, default=1000, help="images in the shapes/synthetic val split")
     group.add_argument("--val-fraction", type=float, default=0.2, help="share of digits held out for val")
     group.add_argument("--workers", type=_optional_int, default=None,
                        help="DataLoader workers per process (default: 0 for in-memory sets, 4 for folders)")
     group.add_argument("--batch-size", "-b", type=int, default=128, help="images per process per micro-batch")
+    group.add_argument("--aug-repeats", type=int, default=0, metavar="N",
+                       help="repeated augmentation: each image N times per epoch, differently augmented (timm's "
+                            "RepeatAugSampler; DeiT's default is 3, the TransMix paper turns it off: 0)")
     group.add_argument("--total-batch-size", type=_optional_int, default=None,
                        help="global batch split over the processes (instead of --batch-size; must divide evenly)")
     group.add_argument("--validation-batch-size", type=_optional_int, default=None,
@@ -193,11 +235,30 @@ def _add_mixing(parser: argparse.ArgumentParser) -> None:
                        help="attention TransMix reads: last, rollout, or a block index (supplementary Table 1)")
     group.add_argument("--transmix-ratio", type=float, default=0.5,
                        help="lam = ratio * lam_area + (1 - ratio) * lam_attention (0.5 in the paper)")
+    group.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
+                       help="from epoch N on, no mixing: smoothed one-hot targets (timm; 0: mix every epoch)")
+    group.add_argument("--bce-loss", action=argparse.BooleanOptionalAction, default=False,
+                       help="timm's BinaryCrossEntropy on the mixed targets instead of soft-target cross-entropy")
+    group.add_argument("--bce-target-thresh", type=_optional_float, default=None,
+                       help="--bce-loss: targets above this become 1, the others 0 (default: soft targets)")
+    group.add_argument("--bce-pos-weight", type=_optional_float, default=None,
+                       help="--bce-loss: weight of the positive term (default: 1)")
+    group.add_argument("--bce-sum", action=argparse.BooleanOptionalAction, default=False,
+                       help="--bce-loss: sum over classes before the batch mean")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name (never pretrained)")
+    group.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                       help="start from timm's hub weights of --model (cached, or downloaded; offline: "
+                            "--pretrained-path); a new head for another class count, position embeddings "
+                            "resampled for another --img-size")
+    group.add_argument("--pretrained-path", default=None, metavar="FILE",
+                       help="start from this weights file, adapted as --pretrained: .safetensors or .pth "
+                            "(timm / Hugging Face state dict) or a transmix-train checkpoint")
+    group.add_argument("--initial-checkpoint", default=None, metavar="FILE",
+                       help="load these weights after creation, unadapted (timm's load_checkpoint: every key fits)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=MergeKwargs, metavar="KEY=VALUE",
                        help="extra create_model arguments, e.g. img_size=32 patch_size=4 depth=6")
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
@@ -216,6 +277,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                        help="autocast (default: on for CUDA, off on CPU)")
     group.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
                        help="autocast dtype (float16 uses a gradient scaler)")
+    group.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                       help="recompute activations in backward (timm's set_grad_checkpointing): less memory")
 
 
 def _add_optimisation(parser: argparse.ArgumentParser) -> None:
@@ -231,7 +294,7 @@ def _add_optimisation(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
     group.add_argument("--layer-decay", type=_optional_float, default=None, help="layer-wise lr decay")
     group.add_argument("--fused-opt", action=argparse.BooleanOptionalAction, default=None,
-                       help="fused optimizer kernel (default: on for CUDA)")
+                       help="torch's fused optimizer kernel (default: on for adam and adamw, CPU or CUDA)")
     group.add_argument("--clip-grad", type=_optional_float, default=None, help="gradient clipping value (off: none)")
     group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"), help="gradient clipping mode")
     group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -250,10 +313,31 @@ def _add_distillation(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distillation (DeiT)")
     group.add_argument("--teacher", default=None, metavar="CKPT",
                        help="teacher checkpoint (a transmix-train last.pth/best.pth: its arch and model kwargs)")
+    group.add_argument("--teacher-model", default=None, metavar="NAME",
+                       help="teacher by timm name instead of --teacher (DeiT: regnety_160), with its weights from "
+                            "--teacher-pretrained or --teacher-path")
+    group.add_argument("--teacher-pretrained", action=argparse.BooleanOptionalAction, default=False,
+                       help="--teacher-model's timm hub weights (their classes must be the data's)")
+    group.add_argument("--teacher-path", default=None, metavar="FILE",
+                       help="--teacher-model's weights: .safetensors or .pth state dict, or a checkpoint; the head "
+                            "must predict the data's classes")
     group.add_argument("--distillation-type", default="none", choices=("none", "hard", "soft"),
                        help="DeiT distillation through the distillation token")
     group.add_argument("--distillation-alpha", type=float, default=0.5, help="weight of the distillation loss")
     group.add_argument("--distillation-tau", type=float, default=1.0, help="soft distillation temperature")
+
+
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tracking (pip install transmix-kernels[track])")
+    group.add_argument("--log-tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                       help="write each epoch's metrics row as TensorBoard scalars under OUTPUT/tensorboard")
+    group.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=False,
+                       help="log each epoch's metrics row and the config to Weights & Biases (WANDB_MODE=offline "
+                            "works without network)")
+    group.add_argument("--wandb-project", default=None, help="W&B project (default: W&B's)")
+    group.add_argument("--wandb-tags", nargs="*", default=[], metavar="TAG", help="W&B run tags")
+    group.add_argument("--wandb-resume-id", default=None, metavar="ID",
+                       help="with --resume: continue this W&B run (its id is in train.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for add in (_add_run, _add_data, _add_augmentation, _add_mixing, _add_model, _add_optimisation,
-                _add_distillation):
+                _add_distillation, _add_tracking):
         add(parser)
     return parser
 

@@ -1,4 +1,6 @@
-"""The trainer's data sets: ``--data digits | shapes | synthetic | PATH``.
+"""The trainer's data sets: the built-in ones (``--data``) and every source timm's ``create_dataset`` reads.
+
+Built in (``--data digits | shapes | synthetic``):
 
 - ``digits``: scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside that
   package: no download), upscaled to 32x32 RGB; a fixed split (``--val-fraction`` held out) that
@@ -7,8 +9,25 @@
   box can cover or miss the object); fixed seeds per split.
 - ``synthetic``: random images of any ``--img-size`` and ``--num-classes`` made per index on
   the fly (throughput runs); no augmentation.
-- ``PATH``: an ImageFolder layout as ImageNet (``PATH/train/<class>/*``, ``PATH/val/<class>/*``)
-  read with timm's ``ImageDataset``.
+
+Through timm's ``create_dataset``, with the flags of timm's ``train.py`` (``--dataset``,
+``--data-dir``, ``--train-split``, ``--val-split``, ``--class-map``, ``--dataset-download``,
+``--train-num-samples`` / ``--val-num-samples``, ``--input-key`` / ``--target-key``):
+
+- no ``--dataset`` (or a name without a prefix): a folder (ImageFolder layout, each split a
+  sub-folder that timm finds by name: ``train/``, ``val/`` or ``validation/`` ...) or a tar,
+  read by timm's ``ImageDataset``; ``--data PATH`` is the short form of ``--data-dir PATH``.
+- ``hfds/NAME``: a Hugging Face dataset (a hub name or a local folder of parquet/arrow files),
+  ``hfids/NAME`` the same streamed; ``wds/NAME``: WebDataset tar shards in ``--data-dir``;
+  ``tfds/NAME``: TensorFlow Datasets; ``torch/NAME``: a torchvision dataset (``mnist``,
+  ``cifar10``, ``image_folder`` ...). ``hfds``/``hfids``/``wds`` need the ``data`` extra.
+
+The class count comes from the data (folder names, a ``--class-map`` file, a Hugging Face
+``ClassLabel``, a torchvision set's classes), else from ``--num-classes``. Map-style sources
+are wrapped in :class:`SourceImages`: an image that cannot be read is an error naming its file
+(timm's ``ImageDataset`` would quietly train on the next image instead). ``hfids/``, ``wds/``
+and ``tfds/`` are timm's ``IterableImageDataset``: they shard over ranks and workers and
+shuffle themselves (``set_epoch``); timm's readers skip an undecodable sample with a warning.
 
 Every set has a ``transform`` attribute that the loader fills with timm's ``create_transform``
 (PIL in, uint8 array out; normalisation happens on the device). In-memory sets keep uint8
@@ -19,26 +38,42 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 __all__ = [
     "BUILTIN_DATA",
+    "DATASET_PREFIXES",
     "DataSettings",
     "InMemoryImages",
+    "LabelCheck",
+    "SampleError",
+    "SourceImages",
     "SyntheticImages",
     "create_datasets",
     "data_settings",
+    "describe_data",
     "load_digits_images",
 ]
 
 BUILTIN_DATA = ("digits", "shapes", "synthetic")
+#: The source prefixes of timm's ``create_dataset`` (``--dataset PREFIX/NAME``); no prefix: a folder or tar.
+DATASET_PREFIXES = ("hfds", "hfids", "wds", "tfds", "torch")
+# The package each prefix imports, and how to get it.
+_PACKAGES = {
+    "hfds": ("datasets", "pip install 'transmix-kernels[data]'"),
+    "hfids": ("datasets", "pip install 'transmix-kernels[data]'"),
+    "wds": ("webdataset", "pip install 'transmix-kernels[data]'"),
+    "tfds": ("tensorflow_datasets", "pip install tensorflow tensorflow-datasets"),
+}
 # Fixed seeds: the data, and the split, stay the same whatever --seed the run uses.
 _SPLIT_SEED = 0
 _SHAPES_SEEDS = {"train": 0, "val": 1}
@@ -138,32 +173,237 @@ def _synthetic(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
             SyntheticImages(args.val_size, size, classes, seed=2), classes)
 
 
-def _folder(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    from timm.data import ImageDataset
+class SampleError(RuntimeError):
+    """A sample that cannot be read, or whose label is not one of the run's classes (names the sample)."""
 
-    root = Path(args.data)
-    if not root.is_dir():
-        raise ValueError(
-            f"--data {args.data!r}: not one of {', '.join(BUILTIN_DATA)} and not a folder "
-            "(expected an ImageFolder layout with train/ and val/)"
+
+class LabelCheck:
+    """``target_transform`` that lets only int labels in ``range(num_classes)`` through."""
+
+    def __init__(self, num_classes: int, source: str) -> None:
+        self.num_classes, self.source = num_classes, source
+
+    def __call__(self, label: Any) -> int:
+        # A label outside the head would otherwise fail deep in the loss (or, on a GPU, as a device assert).
+        if isinstance(label, (bool, float, str)) or not isinstance(label, (int, np.integer)) \
+                or not 0 <= label < self.num_classes:
+            raise SampleError(f"label {label!r} of {self.source} is not a class index in 0..{self.num_classes - 1}")
+        return int(label)
+
+
+class SourceImages(Dataset):
+    """A map-style set from timm's ``create_dataset`` as the trainer reads it.
+
+    RGB PIL images and int labels; ``transform`` is set by the loader. An image that cannot be
+    opened or decoded raises :class:`SampleError` naming its file, where timm's ``ImageDataset``
+    would log in the worker and return the next image instead.
+    """
+
+    def __init__(self, dataset: Dataset, source: str) -> None:
+        self.dataset, self.source = dataset, source
+        self.reader = getattr(dataset, "reader", None)  # timm's reader (None: a torchvision set)
+        self.transform: Optional[Callable] = None
+        self.target_transform: Optional[Callable] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _read(self, index: int) -> tuple[Image.Image, Any]:
+        if self.reader is None:  # torchvision: its own transform is None, so this is the PIL image
+            image, label = self.dataset[index][:2]
+            return image.convert("RGB"), label
+        file, label = self.reader[index][:2]  # an open file (or bytes) of the image, not yet decoded
+        with file, Image.open(file) as image:
+            return image.convert("RGB"), label
+
+    def file_name(self, index: int) -> Optional[str]:
+        """The file (or tar member, or Hugging Face row path) of sample ``index``, when the source keeps one."""
+        try:
+            if self.reader is not None:
+                return self.reader.filename(index, absolute=True)
+            return str(self.dataset.samples[index][0])  # torchvision's ImageFolder
+        except (AttributeError, AssertionError, IndexError, KeyError, TypeError):
+            return None
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self._read(index)
+        except Exception as error:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError ... on bad files)
+            name = self.file_name(index) or "(no file name)"
+            raise SampleError(f"cannot read image {name}, sample {index} of {self.source}: "
+                              f"{type(error).__name__}: {error}") from error
+        if self.target_transform is not None:
+            label = self.target_transform(label)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def _prefix(dataset: str) -> str:
+    head, sep, _ = dataset.partition("/")
+    return head.lower() if sep else ""
+
+
+def describe_data(args: argparse.Namespace) -> str:
+    """The run's data in the words of its flags (log lines, errors)."""
+    dataset, data_dir = getattr(args, "dataset", "") or "", getattr(args, "data_dir", None)
+    parts = [f"--dataset {dataset!r}"] if dataset else []
+    if data_dir:
+        parts.append(f"--data-dir {data_dir!r}")
+    elif args.data not in BUILTIN_DATA:
+        parts.append(f"--data {args.data!r}")
+    return " ".join(parts) or args.data
+
+
+def _uses_create_dataset(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "dataset", "") or getattr(args, "data_dir", None)) or args.data not in BUILTIN_DATA
+
+
+def _check_source(args: argparse.Namespace, dataset: str, root: Optional[str]) -> None:
+    """The flags of a ``create_dataset`` source, checked before any file is read."""
+    prefix = _prefix(dataset)
+    if "/" in dataset and prefix not in DATASET_PREFIXES:
+        raise ValueError(f"--dataset {dataset!r}: unknown source {dataset.partition('/')[0]!r}/ (expected "
+                         f"{', '.join(p + '/' for p in DATASET_PREFIXES)}NAME, or no prefix for a folder or tar)")
+    if prefix in _PACKAGES:
+        package, install = _PACKAGES[prefix]
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise ValueError(f"--dataset {dataset!r}: needs the Python package '{package}' ({install})") from None
+    if prefix in ("", "torch", "wds") and not root:
+        raise ValueError(f"--dataset {dataset!r}: needs --data-dir (the folder the data is in)")
+    local = prefix in ("", "wds") or (prefix == "torch" and not args.dataset_download)
+    if local and not os.path.exists(root):
+        flag = "--data" if not args.data_dir else "--data-dir"
+        raise ValueError(f"{flag} {root!r}: not one of {', '.join(BUILTIN_DATA)} and not a folder or file "
+                         "(expected an ImageFolder layout with train/ and val/ sub-folders, a tar, or the "
+                         "files of --dataset)")
+    if args.class_map:
+        if prefix == "torch":
+            raise ValueError(f"--class-map {args.class_map!r}: torchvision sets (--dataset {dataset!r}) keep "
+                             "their own classes and do not read a class map")
+        path = args.class_map if os.path.exists(args.class_map) else os.path.join(root or "", args.class_map)
+        if not os.path.isfile(path) or Path(path).suffix.lower() not in (".txt", ".pkl"):
+            raise ValueError(f"--class-map {args.class_map!r}: expected a .txt file (a class name per line, "
+                             "index = line number) or a .pkl dict {name: index}")
+
+
+def _create(args: argparse.Namespace, dataset: str, root: Optional[str], split_flag: str, train: bool) -> Dataset:
+    """One split through timm's ``create_dataset``; its errors become a ``ValueError`` naming the flags."""
+    from timm.data import create_dataset
+
+    split = getattr(args, split_flag)
+    count = args.train_num_samples if train else args.val_num_samples
+    keys = {"input_key": args.input_key, "target_key": args.target_key}
+    try:
+        made = create_dataset(
+            dataset, root=root, split=split, is_training=train, class_map=args.class_map or None,
+            download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, num_samples=count,
+            # torchvision's classes take no reader keys
+            **({} if _prefix(dataset) == "torch" else {k: v for k, v in keys.items() if v}),
         )
+    except (AssertionError, FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as error:
+        hint = (" (give --train-num-samples / --val-num-samples, or --dataset-download for hfids/)"
+                if "num_samples" in str(error) else "")
+        raise ValueError(f"{describe_data(args)} --{split_flag.replace('_', '-')} {split!r}: "
+                         f"{type(error).__name__}: {error}{hint}") from None
+    if len(made) == 0 and not isinstance(made, IterableDataset):
+        raise ValueError(f"{describe_data(args)} --{split_flag.replace('_', '-')} {split!r}: no images found")
+    return made
+
+
+def _check_columns(args: argparse.Namespace, made: Dataset) -> None:
+    """hfds/ and hfids/: the image and label columns exist (a missing one would fail at the first sample)."""
+    reader = getattr(made, "reader", None)
+    if hasattr(reader, "builder"):  # hfids: the builder's features
+        columns = list(reader.builder.info.features or [])
+    else:  # hfds: timm's cast of the image column adds it, empty, when it is missing; row 0 tells
+        table = getattr(reader, "dataset", None)
+        columns = list(getattr(table, "column_names", None) or [])
+        image = table[0].get(reader.image_key) if columns and len(table) else None
+        if not (image and (image.get("bytes") or image.get("path"))):
+            columns = [column for column in columns if column != reader.image_key]
+    if not columns:
+        return
+    # timm's defaults for Hugging Face sources; a target key may list several binary fields "a,b".
+    wanted = {"--input-key": [args.input_key or "image"], "--target-key": (args.target_key or "label").split(",")}
+    for flag, keys in wanted.items():
+        for key in keys:
+            if key.strip() not in columns:
+                raise ValueError(f"{flag} {key.strip()!r}: not a column of {describe_data(args)} (its columns: "
+                                 f"{', '.join(columns)})")
+
+
+def _split_root(dataset: Dataset) -> Optional[str]:
+    """Where a folder/tar split was read from (timm falls back to the root when no split folder exists)."""
+    root = getattr(getattr(dataset, "reader", None), "root", None) or getattr(dataset, "root", None)
+    return os.path.abspath(root) if isinstance(root, (str, os.PathLike)) else None
+
+
+def _class_to_idx(dataset: Dataset) -> dict:
+    mapping = getattr(getattr(dataset, "reader", None), "class_to_idx", None) or getattr(dataset, "class_to_idx",
+                                                                                        None)
+    return dict(mapping) if mapping else {}
+
+
+def _num_classes(args: argparse.Namespace, train: Dataset, val: Dataset) -> int:
+    """From the data when it says (folders, class map, ClassLabel, torchvision classes), else --num-classes."""
+    classes, val_classes = _class_to_idx(train), _class_to_idx(val)
+    if classes and val_classes and classes != val_classes:
+        raise ValueError(f"{describe_data(args)}: the train and val splits have different classes (different class "
+                         f"folders or label names): {sorted(classes)} vs {sorted(val_classes)}")
+    if not classes:
+        if args.num_classes is None:
+            raise ValueError(f"{describe_data(args)}: the data does not say how many classes it has (no class "
+                             "names: give --num-classes N, or --class-map FILE)")
+        return args.num_classes
+    count = max(classes.values()) + 1
+    if args.num_classes is not None and args.num_classes != count:
+        raise ValueError(f"--num-classes {args.num_classes}: {describe_data(args)} has {count} classes")
+    return count
+
+
+def _from_create_dataset(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
+    """Train and val through timm's ``create_dataset`` (``--dataset``, ``--data-dir``, ``--data PATH``)."""
+    from .config import build_parser
+
+    # A run saved before these flags existed (transmix-visualize reads old configs) gets their defaults.
+    args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **vars(args)})
+    dataset = args.dataset or ""
+    root = args.data_dir or (args.data if args.data not in BUILTIN_DATA else None)
+    _check_source(args, dataset, root)
+    # A folder or tar (no prefix, or torchvision's ImageFolder): timm looks for a sub-folder named after the
+    # split and falls back to the root itself, whose train/ and val/ would become two classes.
+    files = _prefix(dataset) == "" or dataset.lower() in ("torch/image_folder", "torch/folder")
     splits = {}
-    for name in ("train", "val"):
-        if not (root / name).is_dir():
-            raise ValueError(f"--data {args.data!r}: missing the {name}/ folder (expected {root / name}/<class>/<image>)")
-        splits[name] = ImageDataset(str(root / name))
-        if len(splits[name]) == 0:
-            raise ValueError(f"--data {args.data!r}: no images found in {root / name}")
-    classes = splits["train"].reader.class_to_idx
-    if splits["val"].reader.class_to_idx != classes:
-        raise ValueError(f"--data {args.data!r}: train/ and val/ have different class folders")
-    return splits["train"], splits["val"], len(classes)
+    for flag, train in (("train_split", True), ("val_split", False)):
+        made = splits[flag] = _create(args, dataset, root, flag, train)
+        if _prefix(dataset) in ("hfds", "hfids"):
+            _check_columns(args, made)
+        if files and os.path.isdir(root) and _split_root(made) == os.path.abspath(root):
+            raise ValueError(f"{describe_data(args)} --{flag.replace('_', '-')} {getattr(args, flag)!r}: no such "
+                             f"split folder in {root} (timm looks for the split's name and its synonyms, e.g. "
+                             "train/ or training/, val/ or validation/)")
+    train_set, val_set = splits["train_split"], splits["val_split"]
+    if files and _split_root(train_set) == _split_root(val_set) is not None:
+        raise ValueError(f"{describe_data(args)} --val-split {args.val_split!r}: reads the same data as "
+                         f"--train-split {args.train_split!r} ({_split_root(train_set)})")
+    num_classes = _num_classes(args, train_set, val_set)
+    for flag, name in (("train_split", "train"), ("val_split", "val")):
+        source = f"{describe_data(args)} --{flag.replace('_', '-')} {getattr(args, flag)!r}"
+        if not isinstance(splits[flag], IterableDataset):
+            splits[flag] = SourceImages(splits[flag], source)
+        splits[flag].target_transform = LabelCheck(num_classes, source)
+    return splits["train_split"], splits["val_split"], num_classes
 
 
 def create_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    """(train_set, val_set, num_classes) for ``args.data``; a clear ``ValueError`` naming ``--data``."""
+    """(train_set, val_set, num_classes); a bad source is a ``ValueError`` naming its flag."""
+    if _uses_create_dataset(args):
+        return _from_create_dataset(args)
     makers = {"digits": _digits, "shapes": _shapes, "synthetic": _synthetic}
-    return makers.get(args.data, _folder)(args)
+    return makers[args.data](args)
 
 
 @dataclass(frozen=True)

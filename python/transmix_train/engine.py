@@ -23,7 +23,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
-__all__ = ["DistillationLoss", "NonFiniteLossError", "StepConfig", "evaluate", "train_one_epoch"]
+__all__ = ["DistillationLoss", "EpochProgress", "NonFiniteLossError", "StepConfig", "evaluate", "train_one_epoch"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,14 +33,16 @@ class NonFiniteLossError(RuntimeError):
 class DistillationLoss(nn.Module):
     """DeiT's loss: ``(1 - alpha) * base(class head) + alpha * distillation(distillation head)``.
 
-    ``hard``: cross-entropy to the teacher's argmax on the same (mixed) images; ``soft``: KL at
-    temperature ``tau``. Without a teacher, the soft-target cross-entropy of the outputs.
+    ``hard``: cross-entropy to the teacher's argmax on the same (mixed) images; ``soft``: the KL
+    divergence at temperature ``tau``, summed and divided by the number of logits (batch x classes),
+    times ``tau**2``, as DeiT's ``losses.py``. Without a teacher, the soft-target cross-entropy.
     """
 
     def __init__(self, teacher: Optional[nn.Module] = None, kind: str = "none", alpha: float = 0.5,
-                 tau: float = 1.0) -> None:
+                 tau: float = 1.0, base: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.base = SoftTargetCrossEntropy()
+        # base(logits, soft targets (B, K)): timm's SoftTargetCrossEntropy, or BinaryCrossEntropy (--bce-loss).
+        self.base = base if base is not None else SoftTargetCrossEntropy()
         self.teacher, self.kind, self.alpha, self.tau = teacher, kind, alpha, tau
 
     def forward(self, images: torch.Tensor, outputs, targets: torch.Tensor) -> torch.Tensor:
@@ -55,8 +57,9 @@ class DistillationLoss(nn.Module):
             distill = F.cross_entropy(logits_dist, teacher_logits.argmax(dim=1))
         else:
             tau = self.tau
+            # DeiT's losses.py: the KL summed over batch and classes, divided by their count (B x K).
             distill = F.kl_div(F.log_softmax(logits_dist / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
-                               reduction="batchmean", log_target=True) * tau * tau
+                               reduction="sum", log_target=True) * (tau * tau) / logits_dist.numel()
         return (1 - self.alpha) * self.base(logits, targets) + self.alpha * distill
 
 
@@ -79,6 +82,19 @@ class StepConfig:
     progress: bool = False
     distributed: bool = False
     world_size: int = 1
+    random_erasing: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # timm RandomErasing, on the device
+    recovery_interval: int = 0  # write a recovery checkpoint every N optimizer updates (0: never)
+    recovery: Optional[Callable[[int, int, "EpochProgress"], None]] = None  # (epoch, num_updates, progress)
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands after ``steps`` micro-batches (what a recovery checkpoint carries)."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    images_seen: int = 0
+    seconds: float = 0.0
 
 
 def _reduce_sum(values: list[float], cfg: StepConfig) -> list[float]:
@@ -126,6 +142,11 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Ste
     optimizer.zero_grad(set_to_none=True)
 
 
+def _group_size(step: int, total: int, accum: int) -> int:
+    """Micro-batches in the optimizer update that ``step`` belongs to (the epoch's last may be short)."""
+    return min(accum, total - step // accum * accum)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -137,14 +158,24 @@ def train_one_epoch(
     cfg: StepConfig,
     epoch: int,
     num_updates: int,
+    resume_from: Optional[EpochProgress] = None,
 ) -> tuple[dict[str, float], int]:
-    """One epoch of training. Returns ({"loss", "lr", "images_per_s", "seconds"}, num_updates)."""
+    """One epoch of training. Returns ({"loss", "lr", "images_per_s", "seconds"}, num_updates).
+
+    ``resume_from``: the epoch continues after ``resume_from.steps`` micro-batches (a recovery
+    checkpoint); ``loader`` then yields only the remaining ones.
+    """
     model.train()
-    batches, total = _batches(loader, cfg.limit_train_batches)
+    done = resume_from or EpochProgress()
+    batches, remaining = _batches(loader, None if cfg.limit_train_batches is None
+                                  else max(cfg.limit_train_batches - done.steps, 0))
+    total = done.steps + remaining
     accum = cfg.grad_accum_steps
-    loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)
-    images_seen, start = 0, time.perf_counter()
-    for step, (images, labels) in enumerate(_progress(batches, total, cfg, f"train {epoch}")):
+    loss_sum = torch.tensor(done.loss_sum, dtype=torch.float64, device=cfg.device)
+    images_seen, start = done.images_seen, time.perf_counter() - done.seconds
+    for step, (images, labels) in enumerate(_progress(batches, remaining, cfg, f"train {epoch}"), start=done.steps):
+        if cfg.random_erasing is not None:
+            images = cfg.random_erasing(images)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         images, mix = mixer(images, labels)  # mixes in place on the device
@@ -155,7 +186,8 @@ def train_one_epoch(
                 outputs = model(images)
                 targets = mix.targets(probe)  # TransMix: attention of this very forward
                 loss = criterion(images, outputs, targets)
-            scaled = loss / accum
+            # As timm's train.py: the mean over the micro-batches of this update, a short last one too.
+            scaled = loss / _group_size(step, total, accum)
             (cfg.scaler.scale(scaled) if cfg.scaler is not None else scaled).backward()
         loss_sum += loss.detach()
         images_seen += images.shape[0]
@@ -170,6 +202,11 @@ def train_one_epoch(
             if not cfg.progress:
                 cfg.log(f"epoch {epoch} step {step + 1}/{total} loss {float(loss_sum) / (step + 1):.4f} "
                         f"lr {optimizer.param_groups[0]['lr']:.3e}")
+        if (last_micro and cfg.recovery is not None and cfg.recovery_interval
+                and num_updates % cfg.recovery_interval == 0 and step + 1 < total):
+            _check_finite(loss_sum, epoch, step)
+            cfg.recovery(epoch, num_updates, EpochProgress(step + 1, float(loss_sum), images_seen,
+                                                           time.perf_counter() - start))
     seconds = time.perf_counter() - start
     loss_total, count, seen = _reduce_sum([float(loss_sum), float(total), float(images_seen)], cfg)
     return {

@@ -1,33 +1,42 @@
-"""Loaders: timm's transforms per sample, uint8 batches, normalisation and random erasing on the device.
+"""Loaders: timm's transforms per sample, uint8 batches, normalisation on the device.
 
 The train and val sets get timm's ``create_transform`` (random resized crop, flips, colour
 jitter, RandAugment; eval: resize and centre crop) in its prefetcher form (PIL in, uint8 out),
 ``fast_collate`` and timm's ``PrefetchLoader``, which moves each batch to the device and
-normalises (and random-erases) it there: a worker never converts pixels to float.
+normalises it there: a worker never converts pixels to float. Random erasing runs in the
+training step (``engine.py``), on the device, after the batch is taken: its randomness then
+belongs to that step, which is what lets a mid-epoch recovery checkpoint resume exactly.
 
-Shuffling is a ``DistributedSampler`` seeded with ``--seed`` on every run, one process or many:
-the order of an epoch depends only on the seed and the epoch, which is what lets ``--resume``
-continue at the next epoch exactly. Val is split across ranks without padding (each image is
-counted once when the metrics are summed).
+Workers are persistent (started once per run, as timm's loader does). Each sample's
+augmentation randomness is seeded from (``--seed``, epoch, rank, position in the epoch) by
+:class:`SeededSampler` / :class:`SeededSamples`, so it does not depend on which worker made the
+sample, on how many workers there are (0 included), or on the process's random state: a resume,
+at an epoch boundary or from a recovery checkpoint in the middle of an epoch, sees the same
+images. The order of an epoch is a ``DistributedSampler`` seeded with ``--seed`` (or timm's
+``RepeatAugSampler`` with ``--aug-repeats``), one process or many. Val is split across ranks
+without padding (each image is counted once when the metrics are summed).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-from typing import Iterable
+from typing import Iterator, Optional, Sized
+
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import fast_collate, PrefetchLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from .data import DataSettings, InMemoryImages, SyntheticImages
 
-__all__ = ["build_train_transform", "create_loaders", "posterize_zero_bits"]
+__all__ = ["Loaders", "SeededSampler", "SeededSamples", "build_train_transform", "create_loaders", "posterize_zero_bits"]
 
 
 def posterize_zero_bits(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -77,22 +86,142 @@ def build_train_transform(args: argparse.Namespace, settings: DataSettings):
     return transform
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed comes from the main process's RNG; derive Python's and NumPy's from
-    # it so PIL-side augmentation is reproducible too.
-    seed = torch.utils.data.get_worker_info().seed
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+class SeededSampler(Sampler):
+    """Yields ``(index, sample_seed)`` in the order of ``sampler``; the seed is fixed by position.
+
+    ``sample_seed`` depends only on (``seed``, epoch, ``rank``, the position in the epoch), never
+    on the process's random state, so an epoch replays identically after a resume. :meth:`skip`
+    starts the next epoch part-way (a resume from a mid-epoch recovery checkpoint).
+    """
+
+    def __init__(self, sampler: Sampler, seed: int, rank: int) -> None:
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.epoch, self._start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def skip(self, count: int) -> None:
+        """The next epoch starts at position ``count`` (once; later epochs start at 0)."""
+        self._start = count
+
+    def _seeds(self, count: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**62, count)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.sampler)
+        seeds = self._seeds(len(indices)).tolist()
+        start, self._start = self._start, 0
+        return iter(zip(indices[start:], seeds[start:]))
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self._start
 
 
-def _loader(dataset: Dataset, batch_size: int, sampler: Iterable, workers: int, train: bool,
+class SeededSamples(Dataset):
+    """``dataset[index]`` with Python's, NumPy's and torch's generators seeded by the sample's seed.
+
+    timm's and torchvision's transforms draw from these global generators. In a worker they are
+    simply reseeded; in the main process (``--workers 0``) they are put back after the batch, so
+    the model's and the mixer's randomness is left as it was. The loader fetches a batch at a
+    time (``__getitems__``): saving and restoring the states costs about 70 us, once per batch.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list:
+        if torch.utils.data.get_worker_info() is not None:
+            return [self._seeded(index, seed) for index, seed in items]
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        torch_state = torch.default_generator.get_state()
+        try:
+            return [self._seeded(index, seed) for index, seed in items]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            torch.default_generator.set_state(torch_state)
+
+    def _seeded(self, index: int, seed: int):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        # The CPU generator alone (1 us): torch.manual_seed also reseeds every accelerator (70 us).
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler: Sized, workers: int, train: bool,
             device: torch.device) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=fast_collate,
-        drop_last=train, pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
-        # Not persistent: worker seeds then follow the (restored) main RNG each epoch.
-        persistent_workers=False,
+        drop_last=train, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        # A private generator for the workers' base seed: creating an iterator must not draw from the
+        # global torch generator, whose stream the model and the mixer use.
+        generator=torch.Generator().manual_seed(0),
     )
+
+
+class Loaders:
+    """The train and val loaders of a run, and the per-epoch controls of the train order."""
+
+    def __init__(self, train: PrefetchLoader, val: PrefetchLoader, sampler: SeededSampler,
+                 random_erasing: Optional[RandomErasing]) -> None:
+        self.train, self.val, self.sampler, self.random_erasing = train, val, sampler, random_erasing
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Order and seeds of ``epoch``; its first ``skip_batches`` batches left out (recovery)."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip(skip_batches * self.train.loader.batch_size)
+
+
+def _order(args: argparse.Namespace, train_set: Dataset, rank: int, world_size: int) -> Sampler:
+    if args.aug_repeats:
+        # DeiT's repeated augmentation (timm's port of DeiT's RASampler); shuffled by epoch.
+        return RepeatAugSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                num_repeats=args.aug_repeats)
+    return DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
+                              drop_last=True)
+
+
+# --- Iterable sources (--dataset hfids/, wds/, tfds/: timm's IterableImageDataset) ---------------------------
+class IterableEpochs:
+    """The train "sampler" of an iterable set: timm's readers split over ranks and workers and shuffle.
+
+    ``set_epoch`` hands the epoch to the dataset, which reseeds its shard and sample shuffles from
+    ``--seed`` and the epoch; such a stream cannot start part-way into an epoch.
+    """
+
+    def __init__(self, dataset: IterableDataset) -> None:
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def skip(self, count: int) -> None:
+        if count:
+            raise ValueError("--dataset hfids/, wds/ or tfds/ (a stream) cannot resume inside an epoch: resume "
+                             "from the epoch's last.pth instead of a recovery checkpoint")
+
+
+def _iterable_loaders(args: argparse.Namespace, train_set: IterableDataset, val_set: IterableDataset, workers: int,
+                      device: torch.device) -> tuple[DataLoader, DataLoader, IterableEpochs]:
+    """Loaders without a sampler: the sets shard themselves (timm's ``create_loader`` does the same)."""
+    if args.aug_repeats:
+        raise ValueError(f"--aug-repeats {args.aug_repeats}: needs a map-style set (a folder, hfds/ or torch/), "
+                         "not a stream (hfids/, wds/, tfds/)")
+    for dataset in (train_set, val_set):
+        dataset.set_loader_cfg(num_workers=workers)  # timm's readers size an epoch by the worker count
+    train = _loader(train_set, args.batch_size, None, workers, True, device)
+    val = _loader(val_set, args.validation_batch_size or args.batch_size, None, workers, False, device)
+    return train, val, IterableEpochs(train_set)
+# --- end of the iterable sources -----------------------------------------------------------------------------
 
 
 def create_loaders(
@@ -104,8 +233,8 @@ def create_loaders(
     rank: int,
     world_size: int,
     device: torch.device,
-) -> tuple[PrefetchLoader, PrefetchLoader, DistributedSampler]:
-    """(train loader, val loader, train sampler): call ``sampler.set_epoch(epoch)`` each epoch."""
+) -> Loaders:
+    """Train and val loaders; call ``loaders.set_epoch(epoch)`` before each epoch."""
     if settings.augment:
         train_set.transform = build_train_transform(args, settings)
         val_set.transform = create_transform(
@@ -116,14 +245,19 @@ def create_loaders(
     # the model for the cores. Folders decode files: 4 workers, as timm's default.
     in_memory = isinstance(train_set, (InMemoryImages, SyntheticImages))
     workers = args.workers if args.workers is not None else (0 if in_memory else 4)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    train = _loader(train_set, args.batch_size, sampler, workers, True, device)
-    val_batch = args.validation_batch_size or args.batch_size
-    val = _loader(val_set, val_batch, range(rank, len(val_set), world_size), workers, False, device)
+    if isinstance(train_set, IterableDataset):  # timm's hfids/, wds/, tfds/ sets (see _iterable_loaders)
+        train, val, sampler = _iterable_loaders(args, train_set, val_set, workers, device)
+    else:
+        sampler = SeededSampler(_order(args, train_set, rank, world_size), args.seed, rank)
+        train = _loader(SeededSamples(train_set), args.batch_size, sampler, workers, True, device)
+        val_batch = args.validation_batch_size or args.batch_size
+        val = _loader(val_set, val_batch, range(rank, len(val_set), world_size), workers, False, device)
 
-    def prefetch(loader: DataLoader, re_prob: float) -> PrefetchLoader:
+    def prefetch(loader: DataLoader) -> PrefetchLoader:
         return PrefetchLoader(loader, mean=settings.mean, std=settings.std, channels=settings.input_size[0],
-                              device=device, re_prob=re_prob, re_mode=args.remode, re_count=args.recount)
+                              device=device)
 
-    return prefetch(train, args.reprob), prefetch(val, 0.0), sampler
+    erasing = None
+    if args.reprob > 0:
+        erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device)
+    return Loaders(prefetch(train), prefetch(val), sampler, erasing)

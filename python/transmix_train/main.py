@@ -17,16 +17,21 @@ import time
 from typing import Optional, Sequence
 
 from .build import build_run, Run
-from .checkpoint import capture_rng, CHECKPOINT_VERSION, copy_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (capture_rng, CHECKPOINT_VERSION, CheckpointHistory, copy_checkpoint, restore_rng,
+                         save_checkpoint)
 from .config import config_dict, parse_args, save_config
+from .data import describe_data
 from .distributed import all_gather_objects, init_processes, shutdown
-from .engine import evaluate, NonFiniteLossError, train_one_epoch
-from .outputs import MetricsLog, plot_curves, setup_logging
+from .engine import EpochProgress, evaluate, NonFiniteLossError, train_one_epoch
+from .mixers import NoMix
+from .outputs import MetricsLog, plot_curves, run_summary, setup_logging
+from .tracking import open_trackers
 
 __all__ = ["main", "run_training"]
 
 
-def _checkpoint_state(run: Run, epoch: int, metrics: dict, best: tuple[float, int]) -> dict:
+def _checkpoint_state(run: Run, epoch: int, metric: Optional[float], best: tuple[float, int], num_updates: int,
+                      history: CheckpointHistory) -> dict:
     """timm's layout plus what an exact resume needs (RNG of every rank: all ranks call this)."""
     rng = all_gather_objects(capture_rng(run.mixing.mixer), run.info)
     state = {
@@ -36,7 +41,9 @@ def _checkpoint_state(run: Run, epoch: int, metrics: dict, best: tuple[float, in
         "optimizer": run.optimizer.state_dict(),
         "args": config_dict(run.args),
         "version": CHECKPOINT_VERSION,
-        "metric": metrics["val_top1"],
+        "metric": metric,
+        "num_updates": num_updates,
+        "history": history.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.step.scaler.state_dict() if run.step.scaler is not None else None,
         "best_metric": best[0],
@@ -49,8 +56,12 @@ def _checkpoint_state(run: Run, epoch: int, metrics: dict, best: tuple[float, in
     return state
 
 
-def _restore(run: Run, log) -> tuple[int, tuple[float, int]]:
-    """Load the resume checkpoint into the run; (first epoch to train, (best top-1, its epoch))."""
+def _restore(run: Run, history: CheckpointHistory, log) -> tuple[int, tuple[float, int], Optional[EpochProgress]]:
+    """Load the resume checkpoint into the run.
+
+    Returns (the epoch to train next, (best top-1, its epoch), how far that epoch got: None at an
+    epoch boundary, an ``EpochProgress`` from a mid-epoch recovery checkpoint).
+    """
     checkpoint = run.checkpoint
     run.module.load_state_dict(checkpoint["state_dict"])
     if run.ema is not None and checkpoint.get("state_dict_ema") is not None:
@@ -65,7 +76,12 @@ def _restore(run: Run, log) -> tuple[int, tuple[float, int]]:
     else:
         log(f"warning: the checkpoint was written by {len(states)} processes, this job has "
             f"{run.info.world_size}: random states start afresh (the run continues, not bit for bit)")
-    return checkpoint["epoch"] + 1, (checkpoint.get("best_metric", -1.0), checkpoint.get("best_epoch", -1))
+    history.load_state_dict(checkpoint.get("history") or [])
+    best = (checkpoint.get("best_metric", -1.0), checkpoint.get("best_epoch", -1))
+    progress = checkpoint.get("progress")
+    if progress is not None:
+        return progress["epoch"], best, EpochProgress(**{k: v for k, v in progress.items() if k != "epoch"})
+    return checkpoint["epoch"] + 1, best, None
 
 
 def _evaluate_all(run: Run) -> dict:
@@ -75,23 +91,70 @@ def _evaluate_all(run: Run) -> dict:
             "ema_top1": ema["top1"] if ema else None}
 
 
-def _end_epoch(run: Run, epoch: int, metrics: dict, best: tuple[float, int], log) -> tuple[float, int]:
-    """Checkpoint (last, and best when top-1 improved), metrics row, curves."""
+def _remove_recovery(output, keep: Optional[str] = None) -> None:
+    for path in output.glob("recovery-*.pth"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+
+
+def _save_recovery(run: Run, history: CheckpointHistory, best: tuple[float, int], epoch: int, num_updates: int,
+                   progress: EpochProgress, log) -> None:
+    """``--recovery-interval``: a mid-epoch checkpoint from which ``--resume`` continues exactly."""
+    state = _checkpoint_state(run, epoch - 1, None, best, num_updates, history)
+    state["progress"] = {"epoch": epoch, **vars(progress)}
+    if run.info.primary:
+        name = f"recovery-{epoch}-{num_updates}.pth"
+        save_checkpoint(state, run.output / name)
+        _remove_recovery(run.output, keep=name)  # only the newest is kept, as timm's saver
+        log(f"recovery checkpoint {run.output / name} (epoch {epoch}, {progress.steps} batches done)")
+
+
+# Drawing curves.png takes ~0.2 s: on short epochs, redrawing it every epoch would slow the run
+# measurably, so it is redrawn at most this often while training and always at the end.
+CURVES_INTERVAL_S = 30.0
+
+
+def _plot_now_and_then(output) -> None:
+    curves = output / "curves.png"
+    if not curves.exists() or time.time() - curves.stat().st_mtime >= CURVES_INTERVAL_S:
+        plot_curves(output / "metrics.csv", curves)
+
+
+def _end_epoch(run: Run, history: CheckpointHistory, epoch: int, metrics: dict, best: tuple[float, int],
+               num_updates: int, log) -> tuple[float, int]:
+    """Checkpoint (last, and best when top-1 improved; the top-N history), metrics row, curves."""
     improved = metrics["val_top1"] > best[0]
     best = (metrics["val_top1"], epoch) if improved else best
-    state = _checkpoint_state(run, epoch, metrics, best)
+    history.rank(epoch, metrics["val_top1"])
+    state = _checkpoint_state(run, epoch, metrics["val_top1"], best, num_updates, history)
     if run.info.primary:
         # The row first: a kill before the checkpoint is undone by the resume's keep_until.
         MetricsLog(run.output / "metrics.csv").append({"epoch": epoch, **metrics})
         save_checkpoint(state, run.output / "last.pth")
+        history.write(run.output / "last.pth")
         if improved:
             copy_checkpoint(run.output / "last.pth", run.output / "best.pth")
-        plot_curves(run.output / "metrics.csv", run.output / "curves.png")
+        _remove_recovery(run.output)
+        _plot_now_and_then(run.output)
         log(f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_top1 {metrics['val_top1']:.2f} "
             f"val_top5 {metrics['val_top5']:.2f} ({metrics['images_per_s']:.0f} img/s, {metrics['seconds']:.1f} s)"
             + (f" ema_top1 {metrics['ema_top1']:.2f}" if metrics["ema_top1"] is not None else "")
             + (" *best*" if improved else ""))
     return best
+
+
+def _epoch_mixer(run: Run, epoch: int, log):
+    """The mixer of ``epoch``: from ``--mixup-off-epoch N`` on, none (smoothed one-hot targets, as timm's).
+
+    It depends on the epoch alone, so a resume switches at the same epoch; the mixer's own random
+    state is left as it was (it is not drawn from while off).
+    """
+    off = run.args.mixup_off_epoch
+    if not off or epoch < off:
+        return run.mixing.mixer
+    if epoch == off:
+        log(f"--mixup-off-epoch {off}: no mixing from epoch {off} on (smoothed one-hot targets)")
+    return NoMix(run.num_classes, run.args.smoothing)
 
 
 def _open_outputs(run: Run, start_epoch: int) -> None:
@@ -103,27 +166,39 @@ def _open_outputs(run: Run, start_epoch: int) -> None:
 
 def run_training(run: Run, log) -> float:
     """Train from the run's first epoch; returns the best val top-1 (percent)."""
-    start_epoch, best = _restore(run, log) if run.checkpoint is not None else (0, (-1.0, -1))
+    started = time.perf_counter()
+    history = CheckpointHistory(run.output, run.args.checkpoint_hist)
+    start_epoch, best, progress = _restore(run, history, log) if run.checkpoint is not None else (0, (-1.0, -1), None)
     if run.info.primary:
         _open_outputs(run, start_epoch)
+    run.trackers = open_trackers(run.args, run.output, config_dict(run.args), run.info.primary, start_epoch, log)
     stop = run.num_epochs
     if run.args.stop_after_epochs is not None:
         stop = min(stop, start_epoch + run.args.stop_after_epochs)
-    log(f"training {run.args.model} on {run.args.data} ({run.num_classes} classes), mix {run.mixing.name}, "
+    log(f"training {run.args.model} on {describe_data(run.args)} ({run.num_classes} classes), mix {run.mixing.name}, "
         f"{run.info.world_size} process(es) on {run.info.device}, lr {run.lr:.3g}, epochs {start_epoch}..{stop - 1} "
-        f"of {run.num_epochs}, output {run.output}")
-    num_updates = start_epoch * run.updates_per_epoch
+        f"of {run.num_epochs}, output {run.output}"
+        + (f", resuming after {progress.steps} batches of epoch {start_epoch}" if progress else ""))
+    num_updates = run.checkpoint.get("num_updates", start_epoch * run.updates_per_epoch) if run.checkpoint \
+        else 0
     for epoch in range(start_epoch, stop):
-        run.sampler.set_epoch(epoch)
-        train, num_updates = train_one_epoch(run.model, run.train_loader, run.mixing.mixer, run.probe,
+        run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
+        run.step.recovery = lambda *at, epoch_best=best: _save_recovery(run, history, epoch_best, *at, log=log)
+        train, num_updates = train_one_epoch(run.model, run.train_loader, _epoch_mixer(run, epoch, log), run.probe,
                                              run.criterion, run.optimizer, run.scheduler, run.step, epoch,
-                                             num_updates)
+                                             num_updates, resume_from=progress)
+        progress = None
         start = time.perf_counter()
         metrics = _evaluate_all(run)
         run.scheduler.step(epoch + 1, metrics["val_top1"])
         metrics = {"train_loss": train["loss"], "lr": train["lr"], **metrics,
                    "images_per_s": train["images_per_s"], "seconds": train["seconds"] + time.perf_counter() - start}
-        best = _end_epoch(run, epoch, metrics, best, log)
+        best = _end_epoch(run, history, epoch, metrics, best, num_updates, log)
+        run.trackers.log({"epoch": epoch, **metrics})
+    run.trackers.close()
+    if run.info.primary:
+        plot_curves(run.output / "metrics.csv", run.output / "curves.png")
+        log(run_summary(run.output, best, time.perf_counter() - started))
     return best[0]
 
 
@@ -168,6 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     finally:
         if run.probe is not None:
             run.probe.remove()
+        if run.trackers is not None:  # still open only when training stopped on an error
+            run.trackers.close(exit_code=1)
     shutdown(info)
 
 

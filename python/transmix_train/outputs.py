@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["METRIC_FIELDS", "MetricsLog", "plot_curves", "setup_logging"]
+__all__ = ["METRIC_FIELDS", "MetricsLog", "plot_curves", "run_summary", "setup_logging"]
 
 METRIC_FIELDS = ("epoch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "ema_top1", "images_per_s",
                  "seconds")
@@ -98,6 +98,21 @@ def plot_curves(metrics_csv: str | os.PathLike, png: str | os.PathLike) -> Optio
     plt.close(fig)
     os.replace(temporary, png)
     return png
+
+
+def run_summary(output: str | os.PathLike, best: tuple[float, int], seconds: float) -> str:
+    """The line that ends a run: final and best val top-1 with their epochs, wall time, and where
+    the checkpoints and curves are (the final row is metrics.csv's last, so a resume that trains
+    no further epoch still reports it)."""
+    output = Path(output)
+    rows = MetricsLog(output / "metrics.csv").rows()
+    final = f"final val top-1 {float(rows[-1]['val_top1']):.2f}% (epoch {rows[-1]['epoch']})" if rows \
+        else "no epoch trained"
+    best_text = f"best {best[0]:.2f}% (epoch {best[1]})" if best[1] >= 0 else "no best yet"
+    checkpoints = ", ".join(sorted(path.name for path in output.glob("*.pth"))) or "none"
+    curves = output / "curves.png"
+    return (f"done: {final}, {best_text}; wall time {seconds:.1f} s; checkpoints in {output}/ ({checkpoints}); "
+            f"curves {curves if curves.is_file() else 'none'}")
 
 
 def setup_logging(log_file: Optional[str | os.PathLike], primary: bool) -> logging.Logger:
