@@ -32,11 +32,20 @@ import transmix_kernels as tk
 from conftest import bench_devices, record_cuda_peak, sync
 
 NUM_CLASSES = 1000
+# The two models: DeiT-S at 224 px (ImageNet's), and the trainer demo's DeiT (patch 8, depth 6,
+# width 128 at 32 px, 10 classes), whose steps are what a CPU run of transmix-train spends its time on.
+ARCHS = {
+    "deit_s": dict(name="deit_small_patch16_224", kwargs={}, size=224, classes=NUM_CLASSES),
+    "demo": dict(name="deit_tiny_patch16_224", size=32, classes=10,
+                 kwargs=dict(img_size=32, patch_size=8, embed_dim=128, depth=6, num_heads=4)),
+}
 PROVIDERS = ["transmix", "naive-last-block", "plain-cutmix"]
 COMPILE = [pytest.param(False, id="eager"), pytest.param(True, id="compiled", marks=pytest.mark.slow)]
 
 
-def batch_and_dtype(device: torch.device) -> tuple[int, torch.dtype]:
+def batch_and_dtype(device: torch.device, arch: str = "deit_s") -> tuple[int, torch.dtype]:
+    if arch == "demo":  # the demo's batch
+        return 64, (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return (256, torch.bfloat16) if device.type == "cuda" else (4, torch.float32)
 
 
@@ -74,10 +83,12 @@ def label_source(provider: str, model, net):
     return lambda mix: mix.targets(probe)
 
 
-def make_step(provider: str, device: torch.device, compiled: bool, dtype: torch.dtype):
+def make_step(provider: str, device: torch.device, compiled: bool, dtype: torch.dtype, arch: str = "deit_s"):
     torch.manual_seed(0)
-    model = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=NUM_CLASSES).to(device).train()
-    transmix = tk.TransMix(NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=1.0, model=model, seed=0)
+    spec = ARCHS[arch]
+    model = timm.create_model(spec["name"], pretrained=False, num_classes=spec["classes"], **spec["kwargs"])
+    model = model.to(device).train()
+    transmix = tk.TransMix(spec["classes"], mixup_alpha=0.0, cutmix_alpha=1.0, model=model, seed=0)
     net = torch.compile(model) if compiled else model
     labels_of = label_source(provider, model, net)
     criterion = SoftTargetCrossEntropy()
@@ -99,18 +110,20 @@ def make_step(provider: str, device: torch.device, compiled: bool, dtype: torch.
 @pytest.mark.parametrize("device", bench_devices())
 @pytest.mark.parametrize("compiled", COMPILE)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_deit_s_step(benchmark, record, provider, compiled, device):
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_train_step(benchmark, record, arch, provider, compiled, device):
     device = torch.device(device)
-    batch, dtype = batch_and_dtype(device)
-    step = make_step(provider, device, compiled, dtype)
-    images = torch.randn(batch, 3, 224, 224, device=device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    batch, dtype = batch_and_dtype(device, arch)
+    step = make_step(provider, device, compiled, dtype, arch)
+    size, classes = ARCHS[arch]["size"], ARCHS[arch]["classes"]
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
     mode = "compiled" if compiled else "eager"
-    record(f"deit_s-train-step B{batch} {str(dtype)[6:]} {mode} {device.type}", provider, device)
+    record(f"{arch}-train-step B{batch} {str(dtype)[6:]} {mode} {device.type}", provider, device)
 
     start = time.perf_counter()
     step(images.clone(), labels)
     benchmark.extra_info["first_call_s"] = time.perf_counter() - start
     record_cuda_peak(benchmark, lambda: step(images.clone(), labels), device)
-    rounds = 20 if device.type == "cuda" else 5
+    rounds = 20 if device.type == "cuda" or arch == "demo" else 5
     benchmark.pedantic(step, setup=lambda: ((images.clone(), labels), {}), rounds=rounds, warmup_rounds=1)
