@@ -12,7 +12,7 @@
 # machine.txt, load.txt (uptime before and after each part) and every log; STEPS=1,2,3 picks parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${TIMM_TRAIN:?set TIMM_TRAIN to timm's train.py (from a checkout of pytorch-image-models)}"
+: "${TIMM_TRAIN:?set TIMM_TRAIN to the train.py of a pytorch-image-models checkout}"
 ROUNDS=${ROUNDS:-3} EPOCHS=${EPOCHS:-20} SEEDS=${SEEDS:-"0 1 2"} STEPS=${STEPS:-1,2,3}
 COMMIT=$(git rev-parse --short HEAD)
 DEST=${DEST:-benchmarks/results/$(date -u +%F)-trainer-cpu-$COMMIT}
