@@ -59,6 +59,23 @@ def test_saliencymix_box_is_centred_on_the_partners_peak():
     assert torch.equal(mixed[0, :, y0:y1, x0:x1], images[3, :, y0:y1, x0:x1])
 
 
+def test_state_dict_resumes_the_draws_mixup_branch_included():
+    # Mixup 0.8 and switch 0.5: the saliency paste and the Mixup branch both draw from the one generator.
+    images, target = spots([(5, 20), (25, 2), (14, 14), (0, 27)]), torch.arange(4)
+    mixer = SaliencyMix(K, mixup_alpha=0.8, seed=1)
+
+    def draws(m, calls=4):
+        return [m(images.clone(), target)[1].lam for _ in range(calls)]
+
+    draws(mixer, calls=2)
+    state = mixer.state_dict()
+    expected = draws(mixer)
+    resumed = SaliencyMix(K, mixup_alpha=0.8, seed=2)
+    resumed.load_state_dict(state)
+    for call, (a, b) in enumerate(zip(draws(resumed), expected)):
+        assert torch.equal(a, b), f"call {call}: lam {a} != {b}"
+
+
 def test_missing_opencv_is_a_clear_error(monkeypatch):
     real_import = builtins.__import__
 

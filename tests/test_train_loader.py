@@ -49,6 +49,16 @@ def test_augmentation_does_not_depend_on_the_worker_count(tmp_path):
     _assert_same_run(tmp_path / "inline", tmp_path / "workers")
 
 
+def test_float16_autocast_uses_timms_loss_scaler_and_resumes_exactly(tmp_path):
+    argv = [*RANDOM_EVERYWHERE, "--epochs", "2", "--limit-train-batches", "3", "--amp", "--amp-dtype", "float16"]
+    main([*argv, "--output", str(tmp_path / "straight")])
+    main([*argv, "--output", str(tmp_path / "split"), "--stop-after-epochs", "1"])
+    scaler = read_checkpoint(tmp_path / "split" / "last.pth")["scaler"]
+    assert scaler and scaler["scale"] > 0, f"no loss-scaler state in the checkpoint: {scaler}"
+    main(["--resume", str(tmp_path / "split" / "last.pth")])
+    _assert_same_run(tmp_path / "straight", tmp_path / "split")
+
+
 class _WorkerPids(torch.utils.data.Dataset):
     """Each sample's label is the process that made it."""
 

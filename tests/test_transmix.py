@@ -225,6 +225,46 @@ def test_determinism_by_seed(seed):
     assert any(not torch.equal(a[0], c[0]) for a, c in zip(first, other))
 
 
+def _draws(mixer: tk.TransMix, x: torch.Tensor, target: torch.Tensor, calls: int = 3) -> list:
+    outs = []
+    for _ in range(calls):
+        images, mix = mixer(x.clone(), target)
+        outs.append((images, mix.boxes, mix.lam))
+    return outs
+
+
+def _assert_same_draws(name: str, a: list, b: list) -> None:
+    for call, (x, y) in enumerate(zip(a, b)):
+        for what, t_a, t_b in zip(("images", "boxes", "lam"), x, y):
+            assert_equal(f"{name}: call {call} {what}", t_a, t_b)
+
+
+def test_state_dict_resumes_the_draws(seed):
+    x, target = torch.randn(6, 3, 13, 17), torch.randint(0, 9, (6,))
+    mixer = tk.TransMix(9, mode="elem", seed=seed, patch_size=4)
+    _draws(mixer, x, target, calls=2)
+    state = mixer.state_dict()
+    expected = _draws(mixer, x, target)
+    resumed = tk.TransMix(9, mode="elem", seed=seed + 1, patch_size=4)  # another seed: the state decides
+    resumed.load_state_dict(state)
+    _assert_same_draws("after load_state_dict", _draws(resumed, x, target), expected)
+    with pytest.raises(ValueError, match="state must be a TransMix.state_dict"):
+        resumed.load_state_dict({"rng": 1})
+
+
+def test_generator_argument_is_the_stream_drawn_from(seed):
+    x, target = torch.randn(6, 3, 13, 17), torch.randint(0, 9, (6,))
+    shared = np.random.default_rng(seed)
+    mixer = tk.TransMix(9, mode="elem", patch_size=4, generator=shared)
+    assert mixer.rng is shared
+    _assert_same_draws("generator vs seed", _draws(mixer, x, target),
+                       _draws(tk.TransMix(9, mode="elem", patch_size=4, seed=seed), x, target))
+    with pytest.raises(ValueError, match="seed or generator, not both"):
+        tk.TransMix(9, seed=1, generator=shared)
+    with pytest.raises(TypeError, match="generator must be a numpy.random.Generator"):
+        tk.TransMix(9, generator=torch.Generator())
+
+
 def test_disabled_and_zero_prob_leave_images(seed):
     x = torch.randn(4, 3, 9, 10)
     target = torch.arange(4)

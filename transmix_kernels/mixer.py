@@ -193,6 +193,17 @@ class MixState:
         )
 
 
+def _generator(seed: int | None, generator: np.random.Generator | None) -> np.random.Generator:
+    """``generator`` itself, or a new one from ``seed``: one source of draws for a mixer."""
+    if generator is None:
+        return np.random.default_rng(seed)
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(f"generator must be a numpy.random.Generator, got {type(generator).__name__}")
+    if seed is not None:
+        raise ValueError("give seed or generator, not both (a generator is already seeded)")
+    return generator
+
+
 class TransMix:
     """TransMix / CutMix / Mixup batch mixing with timm Mixup's hyper-parameters.
 
@@ -204,10 +215,14 @@ class TransMix:
         patch_size: the ViT patch size (int or (ph, pw)): token grid = image size // patch size.
         token_grid: a fixed (gh, gw) instead; or ``model``: a supported timm model whose
             attention token grid is inferred at each call's image size.
-        seed: seeds this object's generators (None: fresh entropy).
+        seed: seeds this object's generator (None: fresh entropy).
+        generator: a ``numpy.random.Generator`` to draw from instead (shared with the caller, e.g.
+            one generator for several mixers); not together with ``seed``.
         impl: backend of the ops ("auto": Triton on CUDA, PyTorch on CPU).
 
     Calling it mixes ``images`` (B, C, H, W) in place and returns ``(images, MixState)``.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore where its random draws stand
+    (as torch's optimizers and schedulers do), so a resumed run draws the same boxes.
     """
 
     def __init__(
@@ -228,6 +243,7 @@ class TransMix:
         model: torch.nn.Module | None = None,
         seed: int | None = None,
         impl: str = "auto",
+        generator: np.random.Generator | None = None,
     ) -> None:
         check_positive_int("num_classes", num_classes)
         if mode not in MODES:
@@ -260,7 +276,18 @@ class TransMix:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
         self.mixup_enabled = True
-        self.rng = np.random.default_rng(seed)
+        self.rng = _generator(seed, generator)
+
+    def state_dict(self) -> dict:
+        """Where this mixer's random draws stand (plain values: pickle- and ``weights_only``-safe)."""
+        return {"generator": self.rng.bit_generator.state, "mixup_enabled": self.mixup_enabled}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s ``state``: the next calls draw what they drew then."""
+        if not isinstance(state, dict) or "generator" not in state:
+            raise ValueError(f"state must be a TransMix.state_dict(), got {type(state).__name__}")
+        self.rng.bit_generator.state = state["generator"]
+        self.mixup_enabled = bool(state.get("mixup_enabled", True))
 
     @staticmethod
     def _pair(name: str, value):

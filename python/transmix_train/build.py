@@ -21,7 +21,7 @@ import torch
 from timm.loss import BinaryCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, random_seed
+from timm.utils import ModelEmaV3, NativeScaler, random_seed
 from torch import nn
 
 import transmix_kernels as tk
@@ -32,7 +32,7 @@ from .distributed import ProcessInfo
 from .engine import DistillationLoss, StepConfig
 from .loader import create_loaders
 from .mixers import create_mixer, Mixing
-from .model import build_model, build_teacher, check_probe_support, check_weight_flags
+from .model import build_model, build_teacher, check_weight_flags, probe_for
 from .tracking import check_tracking
 
 __all__ = ["Run", "base_loss", "build_run", "check_config", "resolve_output", "rank_seed"]
@@ -171,44 +171,17 @@ def resolve_output(args: argparse.Namespace) -> Optional[Path]:
 def _autocast(args: argparse.Namespace, device: torch.device):
     enabled = args.amp if args.amp is not None else device.type == "cuda"
     dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if enabled and dtype == torch.float16 else None
+    scaler = NativeScaler(device.type) if enabled and dtype == torch.float16 else None
     return (partial(torch.autocast, device.type, dtype=dtype) if enabled else nullcontext), scaler
 
 
-def _compile_unhooked(module: nn.Module, backend: str) -> int:
-    """Compile, in place, every block of a block list whose subtree carries no probe hook."""
-    compiled = 0
-    for child in module.children():
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in child.modules())
-        if hooked:
-            compiled += _compile_unhooked(child, backend)
-        elif isinstance(module, (nn.ModuleList, nn.Sequential)):
-            child.compile(backend=backend)
-            compiled += 1
-    return compiled
-
-
-def attach_probe(module: nn.Module, args: argparse.Namespace, uses_attention: bool, log) -> tuple[nn.Module, Any]:
-    """(the model to call, the probe or None); ``--compile`` compiles what the probe allows.
-
-    A probe that accepts a ``torch.compile`` wrapper gets the whole model compiled; one that refuses
-    it keeps the probed blocks eager and every other block compiled in place.
-    """
+def attach_probe(module: nn.Module, args: argparse.Namespace, uses_attention: bool, image_size: int,
+                 log) -> tuple[nn.Module, Any]:
+    """(the model to call, the probe or None); ``--compile`` compiles what the probe allows."""
     if not uses_attention:
         return (torch.compile(module, backend=args.compile_backend) if args.compile else module), None
-    if not args.compile:
-        return module, tk.ClassAttentionProbe(module, source=args.attn_source)
-    compiled = torch.compile(module, backend=args.compile_backend)
-    try:
-        probe = tk.ClassAttentionProbe(compiled, source=args.attn_source)
-        log(f"--compile: the whole model ({args.compile_backend}), probe attached through the wrapper")
-        return compiled, probe
-    except TypeError:
-        probe = tk.ClassAttentionProbe(module, source=args.attn_source)
-        count = _compile_unhooked(module, args.compile_backend)
-        log(f"--compile: the probe needs its blocks eager; compiled {count} other blocks in place "
-            f"({args.compile_backend})")
-        return module, probe
+    return probe_for(module, args.attn_source, name=args.model, image_size=image_size, compile=args.compile,
+                     backend=args.compile_backend, log=log)
 
 
 #: ``--opt`` names whose torch optimizer is fused unless ``--no-fused-opt``.
@@ -248,8 +221,6 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
     _grad_checkpointing(module, args)
     settings = data_settings(args, train_set, module)
     mixing = create_mixer(args, num_classes, module, rank_seed(args.seed, info.rank))
-    if mixing.uses_attention:
-        check_probe_support(module, args.model, settings.input_size[-1], args.attn_source)
     teacher = build_teacher(args, num_classes, info.device, settings.input_size[-1])
     if teacher is not None and args.distillation_type != "none":
         if not hasattr(module, "set_distilled_training"):
@@ -273,7 +244,8 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
     updates_per_epoch = math.ceil(steps / args.grad_accum_steps)
     scheduler, num_epochs = _scheduler(args, optimizer, updates_per_epoch)
     ema = ModelEmaV3(module, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
-    model, probe = attach_probe(module, args, mixing.uses_attention, log)
+    # The probe after the EMA copy (a deep copy would carry its hooks); nothing is written yet.
+    model, probe = attach_probe(module, args, mixing.uses_attention, settings.input_size[-1], log)
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

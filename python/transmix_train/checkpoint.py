@@ -91,9 +91,8 @@ def capture_rng(mixer: Optional[object] = None) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    rng = getattr(mixer, "rng", None)
-    if rng is not None:
-        state["mixer"] = rng.bit_generator.state
+    if hasattr(mixer, "state_dict"):
+        state["mixer"] = mixer.state_dict()
     return state
 
 
@@ -106,9 +105,10 @@ def restore_rng(state: dict[str, Any], mixer: Optional[object] = None) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    rng = getattr(mixer, "rng", None)
-    if rng is not None and "mixer" in state:
-        rng.bit_generator.state = state["mixer"]
+    if hasattr(mixer, "load_state_dict") and "mixer" in state:
+        saved = state["mixer"]
+        # Checkpoints of earlier versions hold the generator's state itself.
+        mixer.load_state_dict(saved if "generator" in saved else {"generator": saved})
 
 
 class CheckpointHistory:

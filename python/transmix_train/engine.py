@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import dispatch_clip_grad
+from timm.utils import dispatch_clip_grad, NativeScaler
 from torch import nn
 
 __all__ = ["DistillationLoss", "EpochProgress", "NonFiniteLossError", "StepConfig", "evaluate", "train_one_epoch"]
@@ -73,7 +73,7 @@ class StepConfig:
     grad_accum_steps: int = 1
     clip_grad: Optional[float] = None
     clip_mode: str = "norm"
-    scaler: Optional[torch.amp.GradScaler] = None
+    scaler: Optional[NativeScaler] = None  # timm's loss scaler, with float16 autocast only
     ema_update: Optional[Callable[[int], None]] = None  # EMA of the weights after an optimizer step
     limit_train_batches: Optional[int] = None
     limit_val_batches: Optional[int] = None
@@ -129,17 +129,24 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
         )
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig) -> None:
+def _backward_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: StepConfig,
+                       update: bool) -> None:
+    """Backward; on the last micro-batch of an update also clip, step and clear the gradients.
+
+    With float16 autocast timm's ``NativeScaler`` scales the loss, unscales before clipping and
+    skips steps with non-finite gradients (as timm's ``train.py`` and DeiT's ``engine.py``).
+    """
     if cfg.scaler is not None:
-        cfg.scaler.unscale_(optimizer)
-    if cfg.clip_grad is not None:
-        dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
-    if cfg.scaler is not None:
-        cfg.scaler.step(optimizer)
-        cfg.scaler.update()
+        cfg.scaler(loss, optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+                   parameters=model.parameters(), need_update=update)
     else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if update:
+            if cfg.clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+            optimizer.step()
+    if update:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _group_size(step: int, total: int, accum: int) -> int:
@@ -187,12 +194,10 @@ def train_one_epoch(
                 targets = mix.targets(probe)  # TransMix: attention of this very forward
                 loss = criterion(images, outputs, targets)
             # As timm's train.py: the mean over the micro-batches of this update, a short last one too.
-            scaled = loss / _group_size(step, total, accum)
-            (cfg.scaler.scale(scaled) if cfg.scaler is not None else scaled).backward()
+            _backward_and_step(model, optimizer, loss / _group_size(step, total, accum), cfg, last_micro)
         loss_sum += loss.detach()
         images_seen += images.shape[0]
         if last_micro:
-            _optimizer_step(model, optimizer, cfg)
             num_updates += 1
             if cfg.ema_update is not None:
                 cfg.ema_update(num_updates)

@@ -69,12 +69,11 @@ class CellScorer(nn.Module):
 
 def load_cell_scorer(path: str, num_classes: int, device: torch.device | str = "cpu", grid: int = 7) -> CellScorer:
     """A :class:`CellScorer` from a ``transmix-train`` checkpoint (errors name ``--attentive-checkpoint``)."""
-    from .model import load_teacher
+    from .model import load_from_checkpoint
 
-    try:
-        model = load_teacher(path, num_classes, torch.device(device))
-    except ValueError as error:
-        raise ValueError(str(error).replace("--teacher", "--attentive-checkpoint")) from None
+    model = load_from_checkpoint(path, "--attentive-checkpoint", num_classes=num_classes)
+    model.requires_grad_(False)
+    model.to(torch.device(device))
     try:
         return CellScorer(model, grid)
     except ValueError as error:

@@ -28,9 +28,10 @@ from transmix_kernels._utils import (
     check_positive_int,
     check_range,
     check_tensor,
+    flipped_partner,
 )
 
-__all__ = ["PairMixState", "SwitchedMixer", "cells_to_pixels", "flipped_partner", "paste_mask"]
+__all__ = ["PairMixState", "SwitchedMixer", "cells_to_pixels", "paste_mask"]
 
 
 @dataclass
@@ -62,11 +63,6 @@ class PairMixState:
         """
         return tk.mix_targets(self.target, self.lam, self.num_classes, partner=self.partner,
                               smoothing=self.smoothing)
-
-
-def flipped_partner(batch: int, device: torch.device) -> torch.Tensor:
-    """(B,) int64 ``B-1-i``: the reference code's pairing (``flip(0)``)."""
-    return torch.arange(batch - 1, -1, -1, device=device)
 
 
 def cells_to_pixels(cells: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -120,9 +116,16 @@ class SwitchedMixer:
         self.rng = np.random.default_rng(seed)
         self._mixup: Optional[tk.TransMix] = None
         if self.mixup_alpha > 0:
+            # One generator for every draw (see the class docstring).
             self._mixup = tk.TransMix(num_classes, mixup_alpha=self.mixup_alpha, cutmix_alpha=0.0,
-                                      label_smoothing=self.smoothing)
-            self._mixup.rng = self.rng  # one generator for every draw (see the class docstring)
+                                      label_smoothing=self.smoothing, generator=self.rng)
+
+    def state_dict(self) -> dict:
+        """Where the draws stand (``tk.TransMix``'s protocol: the Mixup branch shares the generator)."""
+        return {"generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["generator"]
 
     def draw_lam(self) -> float:
         """The batch's own-image share from Beta(alpha, alpha) (1.0 when alpha is 0)."""

@@ -40,8 +40,10 @@ __all__ = [
     "WeightSource",
     "build_model",
     "build_teacher",
-    "check_probe_support",
+    "probe_for",
     "check_weight_flags",
+    "head_classes",
+    "load_from_checkpoint",
     "load_teacher",
     "model_kwargs",
     "read_weights",
@@ -279,19 +281,58 @@ def build_model(args: argparse.Namespace, num_classes: int, weights: bool = Fals
     return model
 
 
-def check_probe_support(model: nn.Module, name: str, image_size: int, source: str | int) -> None:
-    """Fail early (naming ``--model`` / ``--attn-source``) when TransMix cannot read the attention."""
+def _compile_unhooked(module: nn.Module, backend: str) -> int:
+    """Compile, in place, every block of a block list whose subtree carries no probe hook."""
+    compiled = 0
+    for child in module.children():
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in child.modules())
+        if hooked:
+            compiled += _compile_unhooked(child, backend)
+        elif isinstance(module, (nn.ModuleList, nn.Sequential)):
+            child.compile(backend=backend)
+            compiled += 1
+    return compiled
+
+
+def probe_for(model: nn.Module, source: str | int, *, name: Optional[str] = None, image_size: Optional[int] = None,
+              compile: bool = False, backend: str = "inductor", log=print) -> tuple[nn.Module, Any]:
+    """(the model to call, its ``tk.ClassAttentionProbe``): the one place a probe is made and checked.
+
+    A model whose attention TransMix cannot read (at ``image_size``, when given) is a ``ValueError``
+    naming ``--model`` (``name``, else the class); a source it cannot give, one naming ``--attn-source``. With ``compile``, a
+    probe that accepts a ``torch.compile`` wrapper gets the whole model compiled; one that refuses it
+    keeps the probed blocks eager and every other block compiled in place.
+    """
     import transmix_kernels as tk
 
+    name = repr(name) if name else type(model).__name__
+    if image_size is not None:
+        try:
+            tk.infer_token_grid(model, image_size)
+        except TypeError as error:
+            raise ValueError(f"--model {name}: TransMix cannot read its attention: {error}") from None
+
+    def attach(target: nn.Module):
+        try:
+            return tk.ClassAttentionProbe(target, source=source)
+        except ValueError as error:
+            raise ValueError(f"--attn-source {source!r} with this model: {error}") from None
+
+    if not compile:
+        try:
+            return model, attach(model)
+        except TypeError as error:
+            raise ValueError(f"--model {name}: TransMix cannot read its attention: {error}") from None
+    compiled = torch.compile(model, backend=backend)
     try:
-        tk.infer_token_grid(model, image_size)
-    except TypeError as error:
-        raise ValueError(f"--model {name!r}: TransMix cannot read its attention: {error}") from None
-    try:
-        probe = tk.ClassAttentionProbe(model, source=source)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--attn-source {source!r} with this model: {error}") from None
-    probe.remove()
+        probe = attach(compiled)
+        log(f"--compile: the whole model ({backend}), probe attached through the wrapper")
+        return compiled, probe
+    except TypeError:
+        probe = attach(model)
+        count = _compile_unhooked(model, backend)
+        log(f"--compile: the probe needs its blocks eager; compiled {count} other blocks in place ({backend})")
+        return model, probe
 
 
 def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
@@ -299,22 +340,50 @@ def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
     return teacher.to(device).eval()
 
 
-def load_teacher(path: str, num_classes: int, device: torch.device) -> nn.Module:
-    """A frozen teacher in eval mode from a ``transmix-train`` checkpoint (its ``arch`` and ``args``)."""
+def head_classes(arch: str, state_dict: dict, where: str) -> int:
+    """Classes of a trained head, read from its weight (the data need not be on this machine)."""
+    from timm.models import get_pretrained_cfg_value
+
+    head = get_pretrained_cfg_value(arch, "classifier") or "head"
+    head = head[0] if isinstance(head, (tuple, list)) else head  # distilled models: (head, head_dist)
+    weight = state_dict.get(f"{head}.weight")
+    if weight is None or weight.ndim != 2:
+        raise ValueError(f"{where}: no classifier weight '{head}.weight' for {arch} in its state_dict")
+    return int(weight.shape[0])
+
+
+def load_from_checkpoint(path: str, flag: str, *, use_ema: Optional[bool] = None, num_classes: Optional[int] = None,
+                         checkpoint: Optional[dict] = None) -> nn.Module:
+    """The model of a ``transmix-train`` checkpoint (its ``arch`` and ``args``), weights loaded, in eval mode.
+
+    ``use_ema``: True, the EMA weights (an error when there are none); False, the trained weights;
+    None, the EMA weights when the checkpoint has them (as timm's ``load_checkpoint``).
+    ``num_classes``: the head the caller needs (None: the checkpoint's own). Errors are
+    ``ValueError`` naming ``flag`` and ``path``. ``checkpoint``: the file's contents, already read.
+    """
     from .checkpoint import read_checkpoint
 
-    checkpoint = read_checkpoint(path, "--teacher")
+    checkpoint = read_checkpoint(path, flag) if checkpoint is None else checkpoint
     arch, args = checkpoint.get("arch"), checkpoint.get("args") or {}
     if not arch:
-        raise ValueError(f"--teacher {path}: the checkpoint names no 'arch' (expected a transmix-train checkpoint)")
-    kwargs = dict(args.get("model_kwargs") or {})
-    teacher = _create(arch, num_classes, kwargs, "--teacher arch")
-    state = checkpoint.get("state_dict_ema") or checkpoint["state_dict"]
+        raise ValueError(f"{flag} {path}: the checkpoint names no 'arch' (expected a transmix-train checkpoint)")
+    has_ema = checkpoint.get("state_dict_ema") is not None
+    if use_ema and not has_ema:
+        raise ValueError(f"{flag} {path}: the checkpoint holds no EMA weights (train with --model-ema)")
+    state = checkpoint["state_dict_ema"] if (has_ema if use_ema is None else use_ema) else checkpoint["state_dict"]
+    classes = head_classes(arch, state, f"{flag} {path}") if num_classes is None else num_classes
+    model = _create(arch, classes, model_kwargs(args), f"{flag} {path}: its arch")
     try:
-        teacher.load_state_dict(state)
+        model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"--teacher {path}: weights do not fit {arch} with {num_classes} classes: {error}") from None
-    return _frozen(teacher, device)
+        raise ValueError(f"{flag} {path}: its weights do not fit {arch} with {classes} classes rebuilt from its args: "
+                         f"{error}") from None
+    return model.eval()
+
+
+def load_teacher(path: str, num_classes: int, device: torch.device) -> nn.Module:
+    """A frozen teacher in eval mode from a ``transmix-train`` checkpoint (EMA weights when it has them)."""
+    return _frozen(load_from_checkpoint(path, "--teacher", num_classes=num_classes), device)
 
 
 def _check_teacher_runs(teacher: nn.Module, name: str, num_classes: int, image_size: int) -> None:

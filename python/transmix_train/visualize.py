@@ -23,12 +23,14 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 import transmix_kernels as tk
 
 from .config import attn_source
+from .model import load_from_checkpoint, probe_for
 
 __all__ = [
     "Figure",
@@ -152,18 +154,6 @@ def _train_config(checkpoint: dict) -> argparse.Namespace:
     return config
 
 
-def _num_classes(arch: str, state_dict: dict, path: str) -> int:
-    """Classes of the trained head, read from its weight (the data need not be on this machine)."""
-    from timm.models import get_pretrained_cfg_value
-
-    head = get_pretrained_cfg_value(arch, "classifier") or "head"
-    head = head[0] if isinstance(head, (tuple, list)) else head  # distilled models: (head, head_dist)
-    weight = state_dict.get(f"{head}.weight")
-    if weight is None or weight.ndim != 2:
-        raise ValueError(f"--checkpoint {path}: no classifier weight '{head}.weight' for {arch} in its state_dict")
-    return int(weight.shape[0])
-
-
 def read_run(path: str) -> tuple[dict, argparse.Namespace]:
     """A ``transmix-train`` checkpoint and its run's config (``ValueError`` naming --checkpoint)."""
     from .checkpoint import read_checkpoint
@@ -178,22 +168,10 @@ def read_run(path: str) -> tuple[dict, argparse.Namespace]:
 
 
 def rebuild_model(checkpoint: dict, config: argparse.Namespace, path: str, *, use_ema: bool = False):
-    """The checkpoint's model rebuilt from its config by the trainer's ``build_model``, weights
-    loaded, in eval mode; returns (model, a one-line title: model, epoch, data)."""
-    from .model import build_model
-
-    state = checkpoint["state_dict"]
-    if use_ema:
-        if "state_dict_ema" not in checkpoint:
-            raise ValueError(f"--use-ema: the checkpoint {path} holds no EMA weights (train with --model-ema)")
-        state = checkpoint["state_dict_ema"]
-    model = build_model(config, _num_classes(config.model, state, path))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"--checkpoint {path}: its weights do not fit {config.model} rebuilt from its args: "
-                         f"{error}") from None
-    return model.eval(), _title(checkpoint, config)
+    """The checkpoint's model rebuilt from its config, weights loaded, in eval mode; returns
+    (model, a one-line title: model, epoch, data)."""
+    model = load_from_checkpoint(path, "--checkpoint", use_ema=use_ema, checkpoint=checkpoint)
+    return model, _title(checkpoint, config)
 
 
 def _title(checkpoint: dict, config: argparse.Namespace) -> str:
@@ -202,15 +180,6 @@ def _title(checkpoint: dict, config: argparse.Namespace) -> str:
     trained = "" if epoch is None else f" after {int(epoch) + 1} epochs"
     score = "" if metric is None else f" (val top-1 {float(metric):.2f})"
     return f"{config.model}{trained}{score}, data {config.data}"
-
-
-def _check_source(model: torch.nn.Module, source: str | int) -> None:
-    """A source the probe cannot read on this model (rollout on Swin, a block index out of range)
-    is an error naming --attn-source, before any image is processed."""
-    try:
-        tk.ClassAttentionProbe(model, source=source).remove()
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--attn-source {source!r}: {error}") from None
 
 
 def load_model(path: str, *, use_ema: bool = False) -> tuple[torch.nn.Module, argparse.Namespace, str]:
@@ -380,6 +349,7 @@ def compute_figure(
     seed: int = 0,
     ratio: float = 0.5,
     source: str | int = "last",
+    probe: Optional[tk.ClassAttentionProbe] = None,
 ) -> Figure:
     """Mix B into A with one CutMix box, run the model once and label the result both ways.
 
@@ -391,12 +361,13 @@ def compute_figure(
         seed: seed of the box position.
         ratio: weight of lam_area in TransMix's label (0.5 in the paper).
         source: the probe's attention source.
+        probe: a probe already attached to ``model`` (then ``source`` is its own); removed at the end.
     """
     model.eval()
     height, width = images.shape[-2:]
     token_grid = tk.infer_token_grid(model, (height, width))
     mixed, box, token_mask, lam_area = _mix_one_box(images, lam, seed, token_grid)
-    with torch.no_grad(), tk.ClassAttentionProbe(model, source=source) as probe:
+    with torch.no_grad(), (probe or tk.ClassAttentionProbe(model, source=source)) as probe:
         logits = model(mixed)
         attention = probe.attention()
     # ratio 0 gives the attention share alone; the label itself blends it with the area share.
@@ -504,11 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         selection = select_images(args, config)  # bad indices fail before the model is built
         model, title = rebuild_model(checkpoint, config, args.checkpoint, use_ema=args.use_ema)
         source = config.attn_source if args.attn_source is None else args.attn_source
-        _check_source(model, source)
+        model, probe = probe_for(model, source)  # a source this model cannot give: an error naming --attn-source
         images = load_images(args, config, model, selection)
     except ValueError as error:
         parser.error(str(error))
-    figure = compute_figure(model, images.images, lam=args.lam, seed=args.seed, ratio=args.ratio, source=source)
+    figure = compute_figure(model, images.images, lam=args.lam, seed=args.seed, ratio=args.ratio, probe=probe)
     path = draw_figure(figure, images, args.output, title=title, dpi=args.dpi)
     print(f"wrote {path}: lam_area {figure.lam_area:.4f}, lam_attn {figure.lam_attn:.4f}, TransMix lam {figure.lam:.4f}")
     return 0
