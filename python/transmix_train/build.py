@@ -62,6 +62,7 @@ class Run:
     lr: float
     output: Optional[Path]
     checkpoint: Optional[dict]
+    started_at: float = 0.0  # wall-clock start of the training (main.run_training sets it)
     trackers: Any = None  # tracking.Trackers, opened by main.run_training once the output folder exists
 
 
