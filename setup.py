@@ -87,14 +87,12 @@ def _extensions():
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:
-    """The kernel library at the top, the trainer from ``python/`` (its YAML configs live in
-    ``python/configs`` and install as ``transmix_train.configs``, so ``transmix-train`` finds its
-    default config in any install, editable or not)."""
+    """The kernel library at the top, the trainer from ``python/``; the trainer's YAML configs are
+    package data of ``transmix_train.configs`` (below), so ``transmix-train`` finds its default
+    config in any install, editable or not."""
     packages = find_packages(include=["transmix_kernels", "transmix_kernels.*"])
     trainer = find_packages("python", include=["transmix_train", "transmix_train.*"])
-    package_dir = {name: "python/" + name.replace(".", "/") for name in trainer}
-    package_dir["transmix_train.configs"] = "python/configs"
-    return packages + trainer + ["transmix_train.configs"], package_dir
+    return packages + trainer, {name: "python/" + name.replace(".", "/") for name in trainer}
 
 
 ext_modules, cmdclass = _extensions()
@@ -102,7 +100,7 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"transmix_train.configs": ["*.yaml", "grids/*.yaml"]},
+    package_data={"transmix_train.configs": ["*.yaml"], "transmix_train.configs.grids": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -18,7 +18,7 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 
 import transmix_kernels as tk
-from transmix_kernels.data import CLASSES, make_shapes
+from transmix_train.shapes import CLASSES, make_shapes
 
 
 def parse_args() -> argparse.Namespace:

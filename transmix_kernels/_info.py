@@ -20,7 +20,7 @@ def info() -> dict[str, object]:
     """A dict of what this installation has: versions, backends, extension build."""
     import torch
 
-    from . import __version__, _ext, _utils
+    from . import __version__, _dispatch, _ext
 
     cuda = torch.cuda.is_available()
     report: dict[str, object] = {
@@ -32,8 +32,8 @@ def info() -> dict[str, object]:
         "timm": _version("timm"),
         "cuda available": cuda,
         "cuda device": torch.cuda.get_device_name(0) if cuda else None,
-        "triton backend": "available" if _utils.HAS_TRITON else "missing",
-        "triton interpreter (TRITON_INTERPRET=1)": _utils.TRITON_INTERPRET,
+        "triton backend": "available" if _dispatch.HAS_TRITON else "missing",
+        "triton interpreter (TRITON_INTERPRET=1)": _dispatch.TRITON_INTERPRET,
         "impl='auto' runs": "Triton on CUDA tensors; PyTorch on CPU tensors (the CPU paste uses the "
         "extension's compiled kernel when it is built)",
     }

@@ -10,17 +10,16 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._utils import OpKernels, check_positive_int, check_range, check_tensor, draw_box_randoms, resolve_backend
+from ._checks import check_positive_int, check_range, check_tensor
+from ._dispatch import Op, dispatch, resolve_backend
 
 __all__ = ["BOXES", "box_corners", "sample_boxes"]
-
-BOXES = OpKernels("sample_boxes", triton=False, registered=False)
 
 
 def box_corners(lam, height: int, width: int, minmax, draws, *, sqrt, to_int, clip):
     """timm's ``rand_bbox`` / ``rand_bbox_minmax`` arithmetic, on torch tensors or NumPy arrays.
 
-    lam: (B,) float; draws: (2, B) or (4, B) uniform [0, 1) float64 (see draw_box_randoms);
+    lam: (B,) float; draws: (2, B) or (4, B) uniform [0, 1) float64 (see reference.draw_box_randoms);
     sqrt, to_int (truncation; values are >= 0) and clip come from the array library. Side
     lengths are computed in lam's own precision, as timm does. Returns y0, y1, x0, x1 (B,) ints.
     """
@@ -41,7 +40,7 @@ def box_corners(lam, height: int, width: int, minmax, draws, *, sqrt, to_int, cl
 
 
 def _boxes_torch(lam, height, width, minmax, correct_lam, generator):
-    draws = draw_box_randoms(lam.shape[0], lam.device, minmax is not None, generator)
+    draws = reference.draw_box_randoms(lam.shape[0], lam.device, minmax is not None, generator)
     y0, y1, x0, x1 = box_corners(
         lam, height, width, minmax, draws, sqrt=torch.sqrt, to_int=lambda t: t.long(), clip=torch.clamp
     )
@@ -53,8 +52,8 @@ def _boxes_torch(lam, height, width, minmax, correct_lam, generator):
     return boxes, lam_area.float()
 
 
-def _boxes_reference(lam, height, width, minmax, correct_lam, generator):
-    return reference.sample_boxes(lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator)
+# No Triton kernel and no torch.library op: impl="triton" runs the PyTorch path (see sample_boxes).
+BOXES = Op("sample_boxes", torch=_boxes_torch, reference=reference.sample_boxes)
 
 
 def _check_minmax(minmax, height: int, width: int):
@@ -112,5 +111,5 @@ def sample_boxes(
         raise ValueError(f"lam must hold values in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
     if generator is not None and generator.device.type != lam.device.type:
         raise ValueError(f"generator must be on lam's device {lam.device}, got {generator.device}")
-    kernel = {"torch": _boxes_torch, "reference": _boxes_reference}[resolve_backend(impl, lam.device, BOXES)]
-    return kernel(lam, height, width, minmax, correct_lam, generator)
+    backend = resolve_backend(impl, lam.device, BOXES)
+    return dispatch(BOXES, backend, lam, height, width, minmax=minmax, correct_lam=correct_lam, generator=generator)

@@ -29,12 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import reference
-from ._utils import (
+from ._checks import (
     FLOAT_DTYPES,
-    HAS_TRITON,
-    OpKernels,
-    blend_lambda,
-    block_size,
     check_batch,
     check_num_prefix_tokens,
     check_positive_int,
@@ -42,9 +38,10 @@ from ._utils import (
     check_scale,
     check_tensor,
     check_unit_interval,
-    num_warps_for,
-    resolve_backend,
 )
+from ._dispatch import HAS_TRITON, Op, auto_backend, dispatch, resolve_backend
+from ._launch import block_size, num_warps_for
+from .transmix_lambda import blend_lambda
 
 __all__ = [
     "CLASS_ATTENTION_LAMBDA",
@@ -54,14 +51,11 @@ __all__ = [
     "received_attention",
 ]
 
-CLASS_ATTENTION_LAMBDA = OpKernels("class_attention_lambda")
-CLASS_ATTENTION_ROW = OpKernels("class_attention_row")
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._utils import blend_lambda_triton
+    from .transmix_lambda import blend_lambda_triton
 
     @triton.jit
     def _class_logits(
@@ -267,7 +261,11 @@ def _class_attention_lambda_op(
     q_cls: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor, lam_area: torch.Tensor,
     scale: float, num_prefix_tokens: int, ratio: float,
 ) -> torch.Tensor:
-    return _class_attention_lambda_torch(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio)
+    backend = auto_backend(k.device, CLASS_ATTENTION_LAMBDA)
+    return dispatch(
+        CLASS_ATTENTION_LAMBDA, backend, q_cls, k, token_mask, lam_area,
+        scale=scale, num_prefix_tokens=num_prefix_tokens, ratio=ratio,
+    )
 
 
 @_class_attention_lambda_op.register_fake
@@ -277,7 +275,8 @@ def _(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio):
 
 @torch.library.custom_op("transmix::class_attention_row", mutates_args=())
 def _class_attention_row_op(q_cls: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int) -> torch.Tensor:
-    return _class_attention_row_torch(q_cls, k, scale, num_prefix_tokens)
+    backend = auto_backend(k.device, CLASS_ATTENTION_ROW)
+    return dispatch(CLASS_ATTENTION_ROW, backend, q_cls, k, scale=scale, num_prefix_tokens=num_prefix_tokens)
 
 
 @_class_attention_row_op.register_fake
@@ -285,46 +284,16 @@ def _(q_cls, k, scale, num_prefix_tokens):
     return k.new_empty((k.shape[0], k.shape[2] - num_prefix_tokens), dtype=torch.float32)
 
 
-if HAS_TRITON:
-    _class_attention_lambda_op.register_kernel("cuda")(_class_attention_lambda_triton)
-    _class_attention_row_op.register_kernel("cuda")(_class_attention_row_triton)
-
-
-def _class_attention_lambda_reference(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio):
-    return reference.class_attention_lambda(
-        q_cls, k, token_mask, lam_area, scale=scale, num_prefix_tokens=num_prefix_tokens, ratio=ratio
-    )
-
-
-def _class_attention_row_reference(q_cls, k, scale, num_prefix_tokens):
-    return reference.class_attention_row(q_cls, k, scale=scale, num_prefix_tokens=num_prefix_tokens)
-
-
-def _run_class_attention_lambda(
-    backend: str,
-    q_cls: torch.Tensor,
-    k: torch.Tensor,
-    token_mask: torch.Tensor,
-    lam_area: torch.Tensor,
-    scale: float,
-    num_prefix_tokens: int,
-    ratio: float,
-) -> torch.Tensor:
-    """Validated, detached inputs -> lam (B,) float32 on ``backend`` (from
-    ``resolve_backend(impl, device, CLASS_ATTENTION_LAMBDA)``)."""
-    kernel = {
-        "triton": _class_attention_lambda_triton, "torch": _class_attention_lambda_torch,
-        "reference": _class_attention_lambda_reference, "op": _class_attention_lambda_op,
-    }[backend]
-    return kernel(q_cls, k, token_mask, lam_area, scale, num_prefix_tokens, ratio)
-
-
-def _run_class_attention_row(backend, q_cls, k, scale, num_prefix_tokens):
-    kernel = {
-        "triton": _class_attention_row_triton, "torch": _class_attention_row_torch,
-        "reference": _class_attention_row_reference, "op": _class_attention_row_op,
-    }[backend]
-    return kernel(q_cls, k, scale, num_prefix_tokens)
+# Arguments of every backend: validated, detached (q_cls, k, token_mask, lam_area) and the
+# keywords scale, num_prefix_tokens, ratio; the row takes (q_cls, k, scale, num_prefix_tokens).
+CLASS_ATTENTION_LAMBDA = Op(
+    "class_attention_lambda", torch=_class_attention_lambda_torch, reference=reference.class_attention_lambda,
+    triton=_class_attention_lambda_triton, registered=_class_attention_lambda_op,
+)
+CLASS_ATTENTION_ROW = Op(
+    "class_attention_row", torch=_class_attention_row_torch, reference=reference.class_attention_row,
+    triton=_class_attention_row_triton, registered=_class_attention_row_op,
+)
 
 
 def _check_query_keys(q_cls, k, scale, num_prefix_tokens) -> None:
@@ -389,9 +358,9 @@ def class_attention_lambda(
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     backend = resolve_backend(impl, k.device, CLASS_ATTENTION_LAMBDA)
     # The lambda is a label weight: no gradient flows into it, and detach() is a free view.
-    return _run_class_attention_lambda(
-        backend, q_cls.detach(), k.detach(), token_mask.detach(), lam_area.detach(), float(scale), num_prefix_tokens,
-        ratio,
+    return dispatch(
+        CLASS_ATTENTION_LAMBDA, backend, q_cls.detach(), k.detach(), token_mask.detach(), lam_area.detach(),
+        scale=float(scale), num_prefix_tokens=num_prefix_tokens, ratio=ratio,
     )
 
 
@@ -423,7 +392,10 @@ def class_attention_row(
     """
     _check_query_keys(q_cls, k, scale, num_prefix_tokens)
     backend = resolve_backend(impl, k.device, CLASS_ATTENTION_ROW)
-    return _run_class_attention_row(backend, q_cls.detach(), k.detach(), float(scale), num_prefix_tokens)
+    return dispatch(
+        CLASS_ATTENTION_ROW, backend, q_cls.detach(), k.detach(),
+        scale=float(scale), num_prefix_tokens=num_prefix_tokens,
+    )
 
 
 def received_attention(

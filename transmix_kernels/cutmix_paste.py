@@ -17,24 +17,13 @@ from __future__ import annotations
 import torch
 
 from . import _ext, reference
-from ._utils import (
-    HAS_TRITON,
-    FLOAT_DTYPES,
-    OpKernels,
-    auto_backend,
-    block_size,
-    check_partner,
-    check_tensor,
-    is_dense,
-    is_int,
-    nearest_scale,
-    resolve_backend,
-)
+from ._checks import FLOAT_DTYPES, check_partner, check_tensor, is_dense, is_int
+from ._dispatch import HAS_TRITON, Extension, Op, auto_backend, dispatch, resolve_backend
+from ._launch import block_size
 
-__all__ = ["PASTE", "check_boxes", "cutmix_paste", "run_paste", "token_mask_torch"]
+__all__ = ["PASTE", "PASTE_INPLACE", "check_boxes", "cutmix_paste", "nearest_scale", "run_paste", "token_mask_torch"]
 
 BLOCK_PIXELS = 256
-PASTE = OpKernels("cutmix_paste", extension="cutmix_paste_cpu_", extension_devices=("cpu",))
 
 
 if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
@@ -130,6 +119,11 @@ if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
         if HAS_TOKENS:
             if tile == 0:
                 _write_token_mask(token_mask_ptr, b, y0, y1, x0, x1, H, W, GH, GW, scale_h, scale_w, BLOCK_TOKENS)
+
+
+def nearest_scale(size: int, grid: int) -> float:
+    """F.interpolate(mode="nearest")'s float32 scale; the token mask must match it bit for bit."""
+    return float(torch.tensor(size, dtype=torch.float32) / torch.tensor(grid, dtype=torch.float32))
 
 
 def _launch_settings(images: torch.Tensor, grid_hw: tuple[int, int]):
@@ -285,6 +279,7 @@ def _paste_inplace_extension(images, boxes, partner, gh, gw, max_bh, max_bw):
 
 
 def _paste_reference(images, boxes, partner, gh, gw):
+    # The twin takes the grid as token_grid (None for none), not as the registered ops' two ints.
     return reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None)
 
 
@@ -292,23 +287,49 @@ def _paste_inplace_reference(images, boxes, partner, gh, gw, max_bh, max_bw):
     return reference.cutmix_paste(images, boxes, partner, token_grid=(gh, gw) if gh else None, inplace=True)[1]
 
 
-# ---------------------------------------------------------------- one runner per backend
+# ---------------------------------------------------------------- torch.library registration
 
 
-def _paste_out_of_place(backend, images, boxes, partner, gh, gw):
-    kernel = {
-        "triton": _paste_triton, "extension": _paste_extension, "torch": _paste_torch,
-        "reference": _paste_reference, "op": _cutmix_paste_op,
-    }[backend]
-    return kernel(images, boxes, partner, gh, gw)
+@torch.library.custom_op("transmix::cutmix_paste", mutates_args=())
+def _cutmix_paste_op(
+    images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mixed, token_mask = dispatch(PASTE, auto_backend(images.device, PASTE), images, boxes, partner, gh, gw)
+    return mixed, _op_token_mask(token_mask, images)
 
 
-def _paste_in_place(backend, images, boxes, partner, gh, gw, max_bh, max_bw):
-    kernel = {
-        "triton": _paste_inplace_triton, "extension": _paste_inplace_extension, "torch": _paste_inplace_torch,
-        "reference": _paste_inplace_reference, "op": _cutmix_paste_inplace_op,
-    }[backend]
-    return kernel(images, boxes, partner, gh, gw, max_bh, max_bw)
+@_cutmix_paste_op.register_fake
+def _(images, boxes, partner, gh, gw):
+    return torch.empty_like(images), images.new_empty((images.shape[0], gh * gw), dtype=torch.float32)
+
+
+@torch.library.custom_op("transmix::cutmix_paste_", mutates_args=("images",))
+def _cutmix_paste_inplace_op(
+    images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int, max_bh: int, max_bw: int
+) -> torch.Tensor:
+    backend = auto_backend(images.device, PASTE_INPLACE)
+    token_mask = dispatch(PASTE_INPLACE, backend, images, boxes, partner, gh, gw, max_bh, max_bw)
+    return _op_token_mask(token_mask, images)
+
+
+@_cutmix_paste_inplace_op.register_fake
+def _(images, boxes, partner, gh, gw, max_bh, max_bw):
+    return images.new_empty((images.shape[0], gh * gw), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- the op's backends
+
+# Out of place and in place are two registered ops (one mutates its input) with one backend
+# policy, the extension's compiled CPU move included. Arguments of every backend: (images, boxes,
+# partner, gh, gw), and max_bh, max_bw in place; gh = gw = 0 means no token grid.
+PASTE = Op(
+    "cutmix_paste", torch=_paste_torch, reference=_paste_reference, triton=_paste_triton,
+    extension=Extension("cutmix_paste_cpu_", ("cpu",), _paste_extension), registered=_cutmix_paste_op,
+)
+PASTE_INPLACE = Op(
+    "cutmix_paste", torch=_paste_inplace_torch, reference=_paste_inplace_reference, triton=_paste_inplace_triton,
+    extension=Extension("cutmix_paste_cpu_", ("cpu",), _paste_inplace_extension), registered=_cutmix_paste_inplace_op,
+)
 
 
 def run_paste(
@@ -322,7 +343,8 @@ def run_paste(
     max_bh: int,
     max_bw: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a validated paste on ``backend`` (from ``resolve_backend(impl, device, PASTE)``).
+    """Run a validated paste on ``backend`` (from ``resolve_backend(impl, device, PASTE_INPLACE
+    if inplace else PASTE)``).
 
     Package-internal: :func:`cutmix_paste` calls it after its checks, TransMix with boxes it made
     itself. ``gh = gw = 0`` means no token grid; max_bh, max_bw bound the box sizes (in place).
@@ -331,47 +353,10 @@ def run_paste(
         mixed: (B, C, H, W) (``images`` itself when inplace); token_mask: (B, gh*gw) float32 or None.
     """
     if inplace:
-        token_mask = _paste_in_place(backend, images, boxes, partner, gh, gw, max_bh, max_bw)
+        token_mask = dispatch(PASTE_INPLACE, backend, images, boxes, partner, gh, gw, max_bh, max_bw)
         return images, (token_mask if gh else None)
-    mixed, token_mask = _paste_out_of_place(backend, images, boxes, partner, gh, gw)
+    mixed, token_mask = dispatch(PASTE, backend, images, boxes, partner, gh, gw)
     return mixed, (token_mask if gh else None)
-
-
-# ---------------------------------------------------------------- torch.library registration
-
-
-@torch.library.custom_op("transmix::cutmix_paste", mutates_args=())
-def _cutmix_paste_op(
-    images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    mixed, token_mask = _paste_out_of_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw)
-    return mixed, _op_token_mask(token_mask, images)
-
-
-if HAS_TRITON:
-    _cutmix_paste_op.register_kernel("cuda")(_paste_triton)
-
-
-@_cutmix_paste_op.register_fake
-def _(images, boxes, partner, gh, gw):
-    return torch.empty_like(images), images.new_empty((images.shape[0], gh * gw), dtype=torch.float32)
-
-
-@torch.library.custom_op("transmix::cutmix_paste_", mutates_args=("images",))
-def _cutmix_paste_inplace_op(
-    images: torch.Tensor, boxes: torch.Tensor, partner: torch.Tensor, gh: int, gw: int, max_bh: int, max_bw: int
-) -> torch.Tensor:
-    token_mask = _paste_in_place(auto_backend(images.device, PASTE), images, boxes, partner, gh, gw, max_bh, max_bw)
-    return _op_token_mask(token_mask, images)
-
-
-if HAS_TRITON:
-    _cutmix_paste_inplace_op.register_kernel("cuda")(_paste_inplace_triton)
-
-
-@_cutmix_paste_inplace_op.register_fake
-def _(images, boxes, partner, gh, gw, max_bh, max_bw):
-    return images.new_empty((images.shape[0], gh * gw), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- public function
@@ -405,7 +390,7 @@ def check_boxes(boxes, batch: int, height: int, width: int, device: torch.device
          heights.min(), widths.min(), heights.max(), widths.max()]
     ).tolist()
     if torch.compiler.is_compiling():
-        # Symbolic under torch.compile (see _utils.check_index_range): asserted at run time.
+        # Symbolic under torch.compile (see _checks.check_index_range): asserted at run time.
         for ok in (lo_y >= 0, hi_y <= height, lo_x >= 0, hi_x <= width, min_h >= 0, min_w >= 0):
             torch._check(ok, lambda: "boxes must lie inside the image and not be inverted")
         return max_h, max_w
@@ -461,5 +446,5 @@ def cutmix_paste(
             "inplace=True needs images contiguous or channels_last (a strided or expanded tensor may alias "
             "its own elements); pass inplace=False or a dense tensor"
         )
-    backend = resolve_backend(impl, images.device, PASTE)
+    backend = resolve_backend(impl, images.device, PASTE_INPLACE if inplace else PASTE)
     return run_paste(backend, images, boxes, partner, gh, gw, inplace, max_bh, max_bw)

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._utils import (
+from ._checks import (
     FLOAT_DTYPES,
-    IMPLS,
     check_index_range,
     check_non_negative,
     check_positive_int,
@@ -27,13 +26,13 @@ from ._utils import (
     flipped_partner,
     is_dense,
     is_int,
-    resolve_backend,
 )
+from ._dispatch import IMPLS, dispatch, resolve_backend
 from .boxes import box_corners
 from .class_attention_lambda import class_attention_lambda
-from .cutmix_paste import PASTE, run_paste, token_mask_torch
+from .cutmix_paste import PASTE_INPLACE, run_paste, token_mask_torch
 from .probe import infer_token_grid
-from .transmix_lambda import LAMBDA_TARGETS, run_lambda_targets, transmix_lambda, transmix_targets
+from .transmix_lambda import LAMBDA_TARGETS, transmix_lambda, transmix_targets
 
 __all__ = ["MODES", "MixState", "TransMix"]
 
@@ -93,8 +92,8 @@ class MixState:
     def _soft_targets(self, lam: torch.Tensor) -> torch.Tensor:
         # target, partner and lam were made or checked by TransMix: no second validation pass.
         backend = resolve_backend(self.impl, lam.device, LAMBDA_TARGETS)
-        _, targets = run_lambda_targets(
-            backend, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
+        _, targets = dispatch(
+            LAMBDA_TARGETS, backend, None, None, lam, self.target, self.partner, self.num_classes, 0.0, self.smoothing
         )
         return targets
 
@@ -343,7 +342,7 @@ class TransMix:
     def _check_call(self, images, target) -> str:
         """All checks before any work; returns the paste backend."""
         check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
-        backend = resolve_backend(self.impl, images.device, PASTE)  # impl='triton' needs a Triton device
+        backend = resolve_backend(self.impl, images.device, PASTE_INPLACE)  # impl='triton' needs a Triton device
         check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
         batch = images.shape[0]
         if target.shape[0] != batch:

@@ -28,22 +28,11 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from ._utils import (
-    FLOAT_DTYPES,
-    HAS_TRITON,
-    TRITON_INTERPRET,
-    OpKernels,
-    block_size,
-    check_num_prefix_tokens,
-    check_range,
-    check_scale,
-    check_tensor,
-    resolve_backend,
-)
+from ._checks import FLOAT_DTYPES, check_num_prefix_tokens, check_range, check_scale, check_tensor
+from ._dispatch import HAS_TRITON, TRITON_INTERPRET, Op, auto_backend, dispatch, resolve_backend
+from ._launch import block_size
 
 __all__ = ["QK_ROLLOUT", "rollout_from_qk"]
-
-QK_ROLLOUT = OpKernels("rollout_from_qk")
 
 if HAS_TRITON:
     import triton
@@ -238,18 +227,16 @@ def _rollout_torch(queries, keys, attn_bias, scale, residual, num_prefix_tokens,
     return patches / patches.sum(-1, keepdim=True)
 
 
-def _rollout_reference(queries, keys, attn_bias, scale, residual, num_prefix_tokens) -> torch.Tensor:
-    return reference.rollout_from_qk(
-        queries, keys, scale=scale, residual=residual, num_prefix_tokens=num_prefix_tokens, attn_bias=attn_bias
-    )
-
-
 @torch.library.custom_op("transmix::rollout_from_qk", mutates_args=())
 def _rollout_from_qk_op(
     queries: list[torch.Tensor], keys: list[torch.Tensor], attn_bias: list[Optional[torch.Tensor]],
     scale: float, residual: float, num_prefix_tokens: int,
 ) -> torch.Tensor:
-    return _rollout_torch(queries, keys, attn_bias, scale, residual, num_prefix_tokens)
+    backend = auto_backend(queries[0].device, QK_ROLLOUT)
+    return dispatch(
+        QK_ROLLOUT, backend, queries, keys,
+        attn_bias=attn_bias, scale=scale, residual=residual, num_prefix_tokens=num_prefix_tokens,
+    )
 
 
 @_rollout_from_qk_op.register_fake
@@ -258,8 +245,12 @@ def _(queries, keys, attn_bias, scale, residual, num_prefix_tokens):
     return queries[0].new_empty((batch, n_tokens - num_prefix_tokens), dtype=torch.float32)
 
 
-if HAS_TRITON:
-    _rollout_from_qk_op.register_kernel("cuda")(_rollout_triton)
+# Arguments of every backend: validated, detached lists (queries, keys) and the keywords
+# attn_bias (one entry per block), scale, residual, num_prefix_tokens.
+QK_ROLLOUT = Op(
+    "rollout_from_qk", torch=_rollout_torch, reference=reference.rollout_from_qk,
+    triton=_rollout_triton, registered=_rollout_from_qk_op,
+)
 
 
 def _check_bias(name: str, bias, target: tuple[int, int, int, int], device: torch.device) -> None:
@@ -354,8 +345,8 @@ def rollout_from_qk(
     queries = [q.detach() for q in queries]
     keys = [k.detach() for k in keys]
     attn_bias = [None if bias is None else bias.detach() for bias in attn_bias]
-    kernel = {
-        "triton": _rollout_triton, "torch": _rollout_torch, "reference": _rollout_reference, "op": _rollout_from_qk_op,
-    }[backend]
-    return kernel(queries, keys, attn_bias, float(scale), residual, num_prefix_tokens)
+    return dispatch(
+        QK_ROLLOUT, backend, queries, keys,
+        attn_bias=attn_bias, scale=float(scale), residual=residual, num_prefix_tokens=num_prefix_tokens,
+    )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import draw_box_randoms, flipped_partner
+from ._checks import flipped_partner
 
 __all__ = [
     "attention_rollout",
@@ -19,11 +19,23 @@ __all__ = [
     "class_attention_lambda",
     "class_attention_row",
     "cutmix_paste",
+    "draw_box_randoms",
     "mix_targets",
     "rollout_from_qk",
     "sample_boxes",
     "transmix_lambda",
 ]
+
+
+def draw_box_randoms(
+    batch: int, device: torch.device, minmax: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Uniform [0, 1) float64 draws that place the boxes: (2, B) centres, or (4, B) sizes + corners.
+
+    The fast path (``boxes.sample_boxes``) and this twin consume the same draws, so one generator
+    state gives the same boxes in both.
+    """
+    return torch.rand((4 if minmax else 2, batch), generator=generator, device=device, dtype=torch.float64)
 
 
 def sample_boxes(

@@ -27,27 +27,12 @@ from typing import Sequence
 import torch
 
 from . import _ext, reference
-from ._utils import (
-    FLOAT_DTYPES,
-    IMPLS,
-    OpKernels,
-    auto_backend,
-    check_num_prefix_tokens,
-    check_range,
-    check_tensor,
-    resolve_backend,
-)
+from ._checks import FLOAT_DTYPES, check_num_prefix_tokens, check_range, check_tensor
+from ._dispatch import IMPLS, Extension, Op, auto_backend, dispatch, resolve_backend
 
 __all__ = ["ROLLOUT", "attention_rollout"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
-ROLLOUT = OpKernels(
-    "attention_rollout",
-    triton=False,
-    extension="attention_rollout_row",
-    extension_devices=("cpu", "cuda"),
-    impls=tuple(impl for impl in IMPLS if impl != "triton"),
-)
 
 
 # --- PyTorch path ------------------------------------------------------------------------------
@@ -99,7 +84,7 @@ def _rollout_torch(
     return _rollout_row_torch(attentions, residual, head_fusion, num_prefix_tokens)
 
 
-# --- compiled extension, reference, and the runner ----------------------------------------------
+# --- compiled extension -------------------------------------------------------------------------
 
 
 def _rollout_extension(
@@ -113,22 +98,6 @@ def _rollout_extension(
     return module.attention_rollout_row(layers, float(residual), head_fusion, int(num_prefix_tokens))
 
 
-def _rollout_reference(
-    attentions: Sequence[torch.Tensor], residual: float, head_fusion: str, num_prefix_tokens: int, full: bool
-) -> torch.Tensor:
-    return reference.attention_rollout(
-        attentions, residual=residual, head_fusion=head_fusion, num_prefix_tokens=num_prefix_tokens, full=full
-    )
-
-
-def _run_rollout(backend: str, attentions, residual, head_fusion, num_prefix_tokens, full) -> torch.Tensor:
-    kernel = {
-        "extension": _rollout_extension, "torch": _rollout_torch, "reference": _rollout_reference,
-        "op": _attention_rollout_op,
-    }[backend]
-    return kernel(attentions, residual, head_fusion, num_prefix_tokens, full)
-
-
 # --- torch.library registration ----------------------------------------------------------------
 
 
@@ -137,7 +106,10 @@ def _attention_rollout_op(
     attentions: list[torch.Tensor], residual: float, head_fusion: str, num_prefix_tokens: int, full: bool
 ) -> torch.Tensor:
     backend = auto_backend(attentions[0].device, ROLLOUT)
-    return _run_rollout(backend, attentions, residual, head_fusion, num_prefix_tokens, full)
+    return dispatch(
+        ROLLOUT, backend, attentions,
+        residual=residual, head_fusion=head_fusion, num_prefix_tokens=num_prefix_tokens, full=full,
+    )
 
 
 @_attention_rollout_op.register_fake
@@ -145,6 +117,18 @@ def _(attentions, residual, head_fusion, num_prefix_tokens, full):
     batch, _, tokens, _ = attentions[0].shape
     shape = (batch, tokens, tokens) if full else (batch, tokens - num_prefix_tokens)
     return attentions[0].new_empty(shape, dtype=torch.float32)
+
+
+# --- the op's backends --------------------------------------------------------------------------
+
+# No Triton kernel (see the module docstring), so impl="triton" is refused. Arguments of every
+# backend: validated, detached attentions and the keywords residual, head_fusion,
+# num_prefix_tokens, full.
+ROLLOUT = Op(
+    "attention_rollout", torch=_rollout_torch, reference=reference.attention_rollout,
+    extension=Extension("attention_rollout_row", ("cpu", "cuda"), _rollout_extension),
+    registered=_attention_rollout_op, impls=tuple(impl for impl in IMPLS if impl != "triton"),
+)
 
 
 # --- public function ---------------------------------------------------------------------------
@@ -232,4 +216,7 @@ def attention_rollout(
     backend = resolve_backend(impl, attentions[0].device, ROLLOUT)
     # A statistic for label weights, not a training signal: no path records a graph.
     attentions = [attention.detach() for attention in attentions]
-    return _run_rollout(backend, attentions, float(residual), head_fusion, num_prefix_tokens, full)
+    return dispatch(
+        ROLLOUT, backend, attentions,
+        residual=float(residual), head_fusion=head_fusion, num_prefix_tokens=num_prefix_tokens, full=full,
+    )

@@ -20,12 +20,8 @@ import numpy as np
 import torch
 
 from . import reference
-from ._utils import (
-    HAS_TRITON,
+from ._checks import (
     FLOAT_DTYPES,
-    OpKernels,
-    blend_lambda,
-    block_size,
     check_batch,
     check_index_range,
     check_partner,
@@ -33,20 +29,38 @@ from ._utils import (
     check_range,
     check_tensor,
     check_unit_interval,
-    resolve_backend,
 )
+from ._dispatch import HAS_TRITON, Op, auto_backend, dispatch, resolve_backend
+from ._launch import block_size
 
-__all__ = ["LAMBDA_TARGETS", "mix_targets", "run_lambda_targets", "transmix_lambda", "transmix_targets"]
+__all__ = ["LAMBDA_TARGETS", "blend_lambda", "mix_targets", "transmix_lambda", "transmix_targets"]
 
-# transmix_lambda, mix_targets and transmix_targets share one op (transmix::lambda_targets).
-LAMBDA_TARGETS = OpKernels("transmix_lambda")
+
+def blend_lambda(mass: torch.Tensor, outside: torch.Tensor, lam_area: torch.Tensor, ratio: float) -> torch.Tensor:
+    """TransMix's lam from the attention mass and its part outside the box, all (B,) float32.
+
+    lam_attn = outside / mass; a row whose mass is zero or not finite carries no attention
+    information and keeps lam_attn = lam_area. lam = ratio * lam_area + (1 - ratio) * lam_attn.
+    The PyTorch paths of this op and of class_attention_lambda share it.
+    """
+    usable = torch.isfinite(mass) & (mass > 0) & torch.isfinite(outside)
+    lam_attn = torch.where(usable, outside / torch.where(usable, mass, torch.ones_like(mass)), lam_area)
+    return ratio * lam_area + (1.0 - ratio) * lam_attn
 
 
 if HAS_TRITON:  # the kernels need triton; the PyTorch paths do not
     import triton
     import triton.language as tl
 
-    from ._utils import blend_lambda_triton
+    @triton.jit
+    def blend_lambda_triton(mass, outside, lam_area, ratio, one_minus_ratio):
+        """:func:`blend_lambda` inside a kernel, on fp32 scalars; ``one_minus_ratio`` comes from the
+        host (1 - ratio rounded once from float64, as the PyTorch path rounds it)."""
+        usable = (mass > 0) & (mass < float("inf")) & (outside == outside) & (tl.abs(outside) < float("inf"))
+        lam_attn = tl.where(usable, outside / tl.where(usable, mass, 1.0), lam_area)
+        return ratio * lam_area + one_minus_ratio * lam_attn
+
+    __all__ += ["blend_lambda_triton"]
 
     @triton.jit
     def _transmix_targets_kernel(
@@ -204,11 +218,8 @@ def _lambda_targets_op(
     attn: Optional[torch.Tensor], token_mask: Optional[torch.Tensor], lam: torch.Tensor,
     target: Optional[torch.Tensor], partner: Optional[torch.Tensor], num_classes: int, ratio: float, smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run_torch(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
-
-
-if HAS_TRITON:
-    _lambda_targets_op.register_kernel("cuda")(_run_triton)
+    backend = auto_backend(lam.device, LAMBDA_TARGETS)
+    return dispatch(LAMBDA_TARGETS, backend, attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
 
 
 @_lambda_targets_op.register_fake
@@ -226,25 +237,15 @@ def _run_reference(attn, token_mask, lam, target, partner, num_classes, ratio, s
     return lam_out, reference.mix_targets(target, lam_for_targets, num_classes, partner=partner, smoothing=smoothing)
 
 
-def run_lambda_targets(
-    backend: str,
-    attn: torch.Tensor | None,
-    token_mask: torch.Tensor | None,
-    lam: torch.Tensor,
-    target: torch.Tensor | None,
-    partner: torch.Tensor | None,
-    num_classes: int,
-    ratio: float,
-    smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated inputs -> (lam (B,) float32, targets (B, K) float32 or (B, 0)).
+# ---------------------------------------------------------------- the op's backends
 
-    Package-internal: the public functions call it after their checks, MixState with tensors
-    TransMix made itself. attn None: lam is given (targets only); target None: lambda only.
-    backend: from ``resolve_backend(impl, device, LAMBDA_TARGETS)``.
-    """
-    kernel = {"triton": _run_triton, "torch": _run_torch, "reference": _run_reference, "op": _lambda_targets_op}[backend]
-    return kernel(attn, token_mask, lam, target, partner, num_classes, ratio, smoothing)
+# transmix_lambda, mix_targets and transmix_targets share one op (transmix::lambda_targets).
+# Arguments of every backend: validated (attn, token_mask, lam, target, partner, num_classes,
+# ratio, smoothing) -> (lam (B,) float32, targets (B, K) float32 or (B, 0)); attn None: lam is
+# given (targets only); target None: lambda only.
+LAMBDA_TARGETS = Op(
+    "transmix_lambda", torch=_run_torch, reference=_run_reference, triton=_run_triton, registered=_lambda_targets_op
+)
 
 
 # ---------------------------------------------------------------- validation
@@ -304,7 +305,7 @@ def transmix_lambda(
     token_mask = _check_attention(attn, token_mask, lam_area)
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     backend = resolve_backend(impl, lam_area.device, LAMBDA_TARGETS)
-    lam, _ = run_lambda_targets(backend, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
+    lam, _ = dispatch(LAMBDA_TARGETS, backend, attn, token_mask, lam_area, None, None, 0, ratio, 0.0)
     return lam
 
 
@@ -335,7 +336,7 @@ def mix_targets(
     partner = _check_targets(target, num_classes, partner, smoothing, lam.device, lam.shape[0])
     check_unit_interval("lam", lam)
     backend = resolve_backend(impl, lam.device, LAMBDA_TARGETS)
-    _, targets = run_lambda_targets(backend, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
+    _, targets = dispatch(LAMBDA_TARGETS, backend, None, None, lam, target, partner, num_classes, 0.0, float(smoothing))
     return targets
 
 
@@ -370,7 +371,7 @@ def transmix_targets(
     ratio = check_range("ratio", ratio, 0.0, 1.0)
     partner = _check_targets(target, num_classes, partner, smoothing, attn.device, attn.shape[0])
     backend = resolve_backend(impl, attn.device, LAMBDA_TARGETS)
-    lam, targets = run_lambda_targets(
-        backend, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing)
+    lam, targets = dispatch(
+        LAMBDA_TARGETS, backend, attn, token_mask, lam_area, target, partner, num_classes, ratio, float(smoothing)
     )
     return targets, lam

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python docs/experiments/mixer_costs.py > docs/experiments/mixer_costs.md
 
-The model and batch are the CPU-scale grids' (python/configs/grids/cpu_scale.yaml): a 6-block,
+The model and batch are the CPU-scale grids' (python/transmix_train/configs/grids/cpu_scale.yaml): a 6-block,
 width-64 DeiT on 32 px shapes, batch 64. Attentive-CutMix's extractor is an untrained resnet18
 (its cost does not depend on its weights). Medians of ``--repeats`` calls after one warm-up.
 """
@@ -18,10 +18,10 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 
 import transmix_kernels as tk
-from transmix_kernels.data import make_shapes
 from transmix_train.mix_attentive import AttentiveCutMix, CellScorer
 from transmix_train.mix_puzzle import PuzzleMix
 from transmix_train.mix_saliency import SaliencyMix
+from transmix_train.shapes import make_shapes
 
 __all__ = ["main"]
 

@@ -5,7 +5,7 @@ Built in (``--data digits | shapes | synthetic``):
 - ``digits``: scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside that
   package: no download), upscaled to 32x32 RGB; a fixed split (``--val-fraction`` held out) that
   does not depend on ``--seed``.
-- ``shapes``: transmix_kernels' procedural shapes-10 (objects at random positions, so a CutMix
+- ``shapes``: the procedural shapes-10 of :mod:`.shapes` (objects at random positions, so a CutMix
   box can cover or miss the object); fixed seeds per split.
 - ``synthetic``: random images of any ``--img-size`` and ``--num-classes`` made per index on
   the fly (throughput runs); no augmentation.
@@ -153,7 +153,7 @@ def _digits(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
 
 
 def _shapes(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    from transmix_kernels.data import CLASSES, make_shapes
+    from .shapes import CLASSES, make_shapes
 
     size = args.img_size or 32
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transmix_kernels._utils import check_positive_int
+from transmix_kernels._checks import check_positive_int
 
 from .mix_common import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
 

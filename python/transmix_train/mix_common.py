@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import transmix_kernels as tk
-from transmix_kernels._utils import (
+from transmix_kernels._checks import (
     FLOAT_DTYPES,
     check_batch,
     check_index_range,

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transmix_kernels._utils import check_non_negative, check_positive_int
+from transmix_kernels._checks import check_non_negative, check_positive_int
 
 from .mix_common import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
 
