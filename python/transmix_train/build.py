@@ -192,8 +192,8 @@ FUSED_BY_DEFAULT = ("adam", "adamw")
 def _optimizer(args: argparse.Namespace, module: nn.Module, info: ProcessInfo):
     global_batch = args.batch_size * info.world_size * args.grad_accum_steps
     lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    # torch's fused Adam/AdamW kernels run on CUDA and on the CPU (4x faster than the per-tensor loop
-    # for the demo's model); timm's other optimizers take no such argument.
+    # torch's fused Adam/AdamW kernels run on CUDA and on the CPU (one kernel instead of a Python
+    # loop over the parameters); timm's other optimizers take no such argument.
     fused = args.fused_opt if args.fused_opt is not None else args.opt.lower() in FUSED_BY_DEFAULT
     cfg = argparse.Namespace(**{**vars(args), "lr": lr, "opt_args": {"fused": True} if fused else None})
     try:

@@ -84,7 +84,6 @@ class StepConfig:
     world_size: int = 1
     random_erasing: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # timm RandomErasing, on the device
     recovery_interval: int = 0  # write a recovery checkpoint every N optimizer updates (0: never)
-    recovery: Optional[Callable[[int, int, "EpochProgress"], None]] = None  # (epoch, num_updates, progress)
 
 
 @dataclass
@@ -166,11 +165,13 @@ def train_one_epoch(
     epoch: int,
     num_updates: int,
     resume_from: Optional[EpochProgress] = None,
+    recovery: Optional[Callable[[int, int, EpochProgress], None]] = None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of training. Returns ({"loss", "lr", "images_per_s", "seconds"}, num_updates).
 
     ``resume_from``: the epoch continues after ``resume_from.steps`` micro-batches (a recovery
-    checkpoint); ``loader`` then yields only the remaining ones.
+    checkpoint); ``loader`` then yields only the remaining ones. ``recovery(epoch, num_updates,
+    progress)`` writes a recovery checkpoint every ``cfg.recovery_interval`` updates.
     """
     model.train()
     done = resume_from or EpochProgress()
@@ -207,11 +208,11 @@ def train_one_epoch(
             if not cfg.progress:
                 cfg.log(f"epoch {epoch} step {step + 1}/{total} loss {float(loss_sum) / (step + 1):.4f} "
                         f"lr {optimizer.param_groups[0]['lr']:.3e}")
-        if (last_micro and cfg.recovery is not None and cfg.recovery_interval
+        if (last_micro and recovery is not None and cfg.recovery_interval
                 and num_updates % cfg.recovery_interval == 0 and step + 1 < total):
             _check_finite(loss_sum, epoch, step)
-            cfg.recovery(epoch, num_updates, EpochProgress(step + 1, float(loss_sum), images_seen,
-                                                           time.perf_counter() - start))
+            recovery(epoch, num_updates,
+                     EpochProgress(step + 1, float(loss_sum), images_seen, time.perf_counter() - start))
     seconds = time.perf_counter() - start
     loss_total, count, seen = _reduce_sum([float(loss_sum), float(total), float(images_seen)], cfg)
     return {

@@ -125,7 +125,7 @@ class SeededSamples(Dataset):
     timm's and torchvision's transforms draw from these global generators. In a worker they are
     simply reseeded; in the main process (``--workers 0``) they are put back after the batch, so
     the model's and the mixer's randomness is left as it was. The loader fetches a batch at a
-    time (``__getitems__``): saving and restoring the states costs about 70 us, once per batch.
+    time (``__getitems__``), so the states are saved and restored once per batch.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -152,7 +152,7 @@ class SeededSamples(Dataset):
     def _seeded(self, index: int, seed: int):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        # The CPU generator alone (1 us): torch.manual_seed also reseeds every accelerator (70 us).
+        # The CPU generator alone: torch.manual_seed would also reseed every accelerator, per sample.
         torch.default_generator.manual_seed(seed)
         return self.dataset[index]
 
@@ -190,7 +190,6 @@ def _order(args: argparse.Namespace, train_set: Dataset, rank: int, world_size: 
                               drop_last=True)
 
 
-# --- Iterable sources (--dataset hfids/, wds/, tfds/: timm's IterableImageDataset) ---------------------------
 class IterableEpochs:
     """The train "sampler" of an iterable set: timm's readers split over ranks and workers and shuffle.
 
@@ -221,7 +220,6 @@ def _iterable_loaders(args: argparse.Namespace, train_set: IterableDataset, val_
     train = _loader(train_set, args.batch_size, None, workers, True, device)
     val = _loader(val_set, args.validation_batch_size or args.batch_size, None, workers, False, device)
     return train, val, IterableEpochs(train_set)
-# --- end of the iterable sources -----------------------------------------------------------------------------
 
 
 def create_loaders(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Optional, Sequence
 
 from .build import build_run, Run
@@ -109,10 +110,10 @@ def _save_recovery(run: Run, history: CheckpointHistory, best: tuple[float, int]
         log(f"recovery checkpoint {run.output / name} (epoch {epoch}, {progress.steps} batches done)")
 
 
-# Drawing curves.png takes ~0.7 s the first time (matplotlib's import) and ~0.2 s after: redrawn
-# every epoch, or even every 30 s, it cost a short run several percent of its wall time. It is
-# redrawn at most every CURVES_INTERVAL_S while training (the first time that long after the
-# start) and always at the end of the invocation.
+# Drawing curves.png (matplotlib's import the first time, then a figure) is slow next to a short
+# epoch: redrawn every epoch it showed in a profile of a short run. It is redrawn at most every
+# CURVES_INTERVAL_S while training (the first time that long after the start) and always at the
+# end of the invocation.
 CURVES_INTERVAL_S = 300.0
 
 
@@ -169,7 +170,6 @@ def _open_outputs(run: Run, start_epoch: int) -> None:
 
 def run_training(run: Run, log) -> float:
     """Train from the run's first epoch; returns the best val top-1 (percent)."""
-    started = time.perf_counter()
     run.started_at = time.time()
     history = CheckpointHistory(run.output, run.args.checkpoint_hist)
     start_epoch, best, progress = _restore(run, history, log) if run.checkpoint is not None else (0, (-1.0, -1), None)
@@ -187,10 +187,10 @@ def run_training(run: Run, log) -> float:
         else 0
     for epoch in range(start_epoch, stop):
         run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
-        run.step.recovery = lambda *at, epoch_best=best: _save_recovery(run, history, epoch_best, *at, log=log)
+        recovery = partial(_save_recovery, run, history, best, log=log)  # (epoch, num_updates, progress)
         train, num_updates = train_one_epoch(run.model, run.train_loader, _epoch_mixer(run, epoch, log), run.probe,
                                              run.criterion, run.optimizer, run.scheduler, run.step, epoch,
-                                             num_updates, resume_from=progress)
+                                             num_updates, resume_from=progress, recovery=recovery)
         progress = None
         start = time.perf_counter()
         metrics = _evaluate_all(run)
@@ -202,7 +202,7 @@ def run_training(run: Run, log) -> float:
     run.trackers.close()
     if run.info.primary:
         plot_curves(run.output / "metrics.csv", run.output / "curves.png")
-        log(run_summary(run.output, best, time.perf_counter() - started))
+        log(run_summary(run.output, best, time.time() - run.started_at))
     return best[0]
 
 

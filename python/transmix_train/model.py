@@ -42,7 +42,6 @@ __all__ = [
     "build_teacher",
     "probe_for",
     "check_weight_flags",
-    "head_classes",
     "load_from_checkpoint",
     "load_teacher",
     "model_kwargs",
@@ -340,16 +339,13 @@ def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
     return teacher.to(device).eval()
 
 
-def head_classes(arch: str, state_dict: dict, where: str) -> int:
+def _trained_classes(arch: str, state_dict: dict, where: str) -> int:
     """Classes of a trained head, read from its weight (the data need not be on this machine)."""
-    from timm.models import get_pretrained_cfg_value
-
-    head = get_pretrained_cfg_value(arch, "classifier") or "head"
-    head = head[0] if isinstance(head, (tuple, list)) else head  # distilled models: (head, head_dist)
-    weight = state_dict.get(f"{head}.weight")
-    if weight is None or weight.ndim != 2:
-        raise ValueError(f"{where}: no classifier weight '{head}.weight' for {arch} in its state_dict")
-    return int(weight.shape[0])
+    classifiers = _classifiers(arch)
+    classes = _head_classes(state_dict, classifiers)
+    if not classes:
+        raise ValueError(f"{where}: no classifier weight '{classifiers[0]}.weight' for {arch} in its state_dict")
+    return classes
 
 
 def load_from_checkpoint(path: str, flag: str, *, use_ema: Optional[bool] = None, num_classes: Optional[int] = None,
@@ -371,7 +367,7 @@ def load_from_checkpoint(path: str, flag: str, *, use_ema: Optional[bool] = None
     if use_ema and not has_ema:
         raise ValueError(f"{flag} {path}: the checkpoint holds no EMA weights (train with --model-ema)")
     state = checkpoint["state_dict_ema"] if (has_ema if use_ema is None else use_ema) else checkpoint["state_dict"]
-    classes = head_classes(arch, state, f"{flag} {path}") if num_classes is None else num_classes
+    classes = _trained_classes(arch, state, f"{flag} {path}") if num_classes is None else num_classes
     model = _create(arch, classes, model_kwargs(args), f"{flag} {path}: its arch")
     try:
         model.load_state_dict(state)
