@@ -18,9 +18,9 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 
 import transmix_kernels as tk
-from transmix_train.mix_attentive import AttentiveCutMix, CellScorer
-from transmix_train.mix_puzzle import PuzzleMix
-from transmix_train.mix_saliency import SaliencyMix
+from transmix_train.mixers.attentive import AttentiveCutMix, CellScorer
+from transmix_train.mixers.puzzle import PuzzleMix
+from transmix_train.mixers.saliency import SaliencyMix
 from transmix_train.shapes import make_shapes
 
 __all__ = ["main"]

@@ -13,10 +13,10 @@ import timm
 import torch
 
 import transmix_kernels as tk
-from transmix_train.mix_attentive import AttentiveCutMix, CellScorer
-from transmix_train.mix_common import PairMixState, cells_to_pixels
-from transmix_train.mix_puzzle import PuzzleMix
-from transmix_train.mix_saliency import SaliencyMix
+from transmix_train.mixers.attentive import AttentiveCutMix, CellScorer
+from transmix_train.mixers.base import PairMixState, cells_to_pixels
+from transmix_train.mixers.puzzle import PuzzleMix
+from transmix_train.mixers.saliency import SaliencyMix
 from transmix_train.shapes import make_shapes
 
 K = 10

@@ -12,9 +12,9 @@ import timm
 import torch
 
 from transmix_train.config import parse_args
-from transmix_train.mix_attentive import AttentiveCutMix, CellScorer, load_cell_scorer
-from transmix_train.mix_puzzle import input_saliency, optimise_masks, PuzzleMix
-from transmix_train.mix_saliency import saliency_boxes, saliency_peaks, SaliencyMix
+from transmix_train.mixers.attentive import AttentiveCutMix, CellScorer, load_cell_scorer
+from transmix_train.mixers.puzzle import input_saliency, optimise_masks, PuzzleMix
+from transmix_train.mixers.saliency import saliency_boxes, saliency_peaks, SaliencyMix
 from transmix_train.mixers import create_mixer
 
 K = 10
@@ -200,7 +200,7 @@ _BAD_FLAGS = [(["--mixup-prob", "1.5"], "--mixup-prob"), (["--mixup-switch-prob"
 ])
 def test_factory_errors_name_the_flag(monkeypatch, mix, argv, flag):
     """Each mixer's bad setting is refused with the flag the user typed, never another flag."""
-    import transmix_train.mix_attentive as attentive
+    import transmix_train.mixers.attentive as attentive
 
     monkeypatch.setattr(attentive, "load_cell_scorer", lambda path, classes: FixedScores(torch.zeros(2, 49)))
     args = parse_args(["--mix", mix, "--attentive-checkpoint", "unused.pth", *argv])
@@ -210,7 +210,7 @@ def test_factory_errors_name_the_flag(monkeypatch, mix, argv, flag):
 
 
 def test_factory_topk_error_names_its_flag(monkeypatch):
-    import transmix_train.mix_attentive as attentive
+    import transmix_train.mixers.attentive as attentive
 
     monkeypatch.setattr(attentive, "load_cell_scorer", lambda path, classes: FixedScores(torch.zeros(2, 49)))
     args = parse_args(["--mix", "attentive_cutmix", "--attentive-checkpoint", "unused.pth", "--attentive-topk", "50"])

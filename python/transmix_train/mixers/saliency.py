@@ -38,7 +38,7 @@ import torch
 import transmix_kernels as tk
 from transmix_kernels.boxes import box_corners
 
-from .mix_common import PairMixState, SwitchedMixer
+from .base import PairMixState, SwitchedMixer
 
 __all__ = ["SaliencyMix", "saliency_boxes", "saliency_detector", "saliency_peaks"]
 

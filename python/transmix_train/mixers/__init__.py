@@ -7,7 +7,8 @@ Every mixer has TransMix's interface::
 
 and ``uses_attention`` says whether the training step should attach a ``ClassAttentionProbe``.
 A new mixer is one function added to :data:`MIXERS`. The compared variants (saliencymix,
-attentive_cutmix, puzzlemix) live in ``mix_saliency.py``, ``mix_attentive.py`` and ``mix_puzzle.py``.
+attentive_cutmix, puzzlemix) live in ``saliency.py``, ``attentive.py`` and ``puzzle.py`` beside
+this file, on the shared pair-mixing state of ``base.py``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _switched(args, seed) -> dict:
 
 
 def _saliencymix(args, num_classes, model, seed) -> Mixing:
-    from .mix_saliency import SaliencyMix
+    from .saliency import SaliencyMix
 
     try:
         mixer = SaliencyMix(num_classes, alpha=args.cutmix, **_switched(args, seed))
@@ -105,7 +106,7 @@ def _saliencymix(args, num_classes, model, seed) -> Mixing:
 
 
 def _attentive_cutmix(args, num_classes, model, seed) -> Mixing:
-    from .mix_attentive import AttentiveCutMix, load_cell_scorer
+    from .attentive import AttentiveCutMix, load_cell_scorer
 
     if not args.attentive_checkpoint:
         raise ValueError("--mix attentive_cutmix needs --attentive-checkpoint CKPT: a transmix-train checkpoint of a "
@@ -116,7 +117,7 @@ def _attentive_cutmix(args, num_classes, model, seed) -> Mixing:
 
 
 def _puzzlemix(args, num_classes, model, seed) -> Mixing:
-    from .mix_puzzle import PuzzleMix
+    from .puzzle import PuzzleMix
 
     return Mixing(PuzzleMix(num_classes, model, alpha=args.cutmix, **_switched(args, seed)), uses_attention=False,
                   name="puzzlemix")

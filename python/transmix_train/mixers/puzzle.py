@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transmix_kernels._checks import check_non_negative, check_positive_int
 
-from .mix_common import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
+from .base import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
 
 __all__ = ["PuzzleMix", "input_saliency", "optimise_masks"]
 

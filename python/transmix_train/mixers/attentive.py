@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transmix_kernels._checks import check_positive_int
 
-from .mix_common import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
+from .base import PairMixState, SwitchedMixer, cells_to_pixels, paste_mask
 
 __all__ = ["AttentiveCutMix", "CellScorer", "load_cell_scorer"]
 
@@ -69,7 +69,7 @@ class CellScorer(nn.Module):
 
 def load_cell_scorer(path: str, num_classes: int, device: torch.device | str = "cpu", grid: int = 7) -> CellScorer:
     """A :class:`CellScorer` from a ``transmix-train`` checkpoint (errors name ``--attentive-checkpoint``)."""
-    from .model import load_from_checkpoint
+    from ..model import load_from_checkpoint
 
     model = load_from_checkpoint(path, "--attentive-checkpoint", num_classes=num_classes)
     model.requires_grad_(False)
