@@ -27,15 +27,15 @@ from torch import nn
 import transmix_kernels as tk
 
 from .checkpoint import read_checkpoint
+from .config import validate_config
 from .data import create_datasets, data_settings
 from .distributed import ProcessInfo
 from .engine import DistillationLoss, StepConfig
 from .loader import create_loaders
 from .mixers import create_mixer, Mixing
-from .model import build_model, build_teacher, check_weight_flags, probe_for
-from .tracking import check_tracking
+from .model import build_model, build_teacher, probe_for
 
-__all__ = ["Run", "base_loss", "build_run", "check_config", "resolve_output", "rank_seed"]
+__all__ = ["Run", "base_loss", "build_run", "resolve_output", "rank_seed"]
 
 
 @dataclass
@@ -69,56 +69,6 @@ class Run:
 def rank_seed(seed: int, rank: int) -> int:
     """A per-rank seed for the mixer: each rank draws different boxes, reproducibly."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def check_config(args: argparse.Namespace, info: ProcessInfo) -> None:
-    """Numbers that cannot work, named by their flag (before data or models are touched)."""
-    if getattr(args, "total_batch_size", None):
-        if args.total_batch_size % info.world_size:
-            raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by the "
-                             f"{info.world_size} processes")
-        args.batch_size = args.total_batch_size // info.world_size
-    positive = ("batch_size", "epochs", "grad_accum_steps", "log_interval")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("checkpoint_hist", "recovery_interval", "aug_repeats"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.aug_repeats == 1:
-        raise ValueError("--aug-repeats 1 repeats nothing: use 0 (off) or >= 2 (DeiT uses 3)")
-    for name in ("stop_after_epochs", "limit_train_batches", "limit_val_batches", "validation_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.mix != "none" and args.batch_size % 2:
-        raise ValueError(f"--batch-size {args.batch_size} per process is odd: timm's mixing modes pair image i "
-                         f"with image B-1-i and need an even batch (--mix {args.mix})")
-    if args.eval_only and not args.resume:
-        raise ValueError("--eval-only needs --resume CKPT (the checkpoint to evaluate)")
-    check_weight_flags(args)
-    if args.distillation_type != "none" and not (args.teacher or args.teacher_model):
-        raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher CKPT or --teacher-model NAME")
-    _check_recipe_switches(args)
-    check_tracking(args)
-
-
-def _check_recipe_switches(args: argparse.Namespace) -> None:
-    """``--mixup-off-epoch`` and the ``--bce-*`` options."""
-    if args.mixup_off_epoch < 0:
-        raise ValueError(f"--mixup-off-epoch must be >= 0 (0: mix every epoch), got {args.mixup_off_epoch}")
-    if not args.bce_loss:
-        given = [flag for flag, value in (("--bce-target-thresh", args.bce_target_thresh is not None),
-                                          ("--bce-pos-weight", args.bce_pos_weight is not None),
-                                          ("--bce-sum", args.bce_sum)) if value]
-        if given:
-            raise ValueError(f"{given[0]} sets up the BCE loss: it needs --bce-loss")
-        return
-    if args.bce_target_thresh is not None and not 0.0 <= args.bce_target_thresh < 1.0:
-        raise ValueError(f"--bce-target-thresh must be in [0, 1) (targets above it become 1), "
-                         f"got {args.bce_target_thresh}")
-    if args.bce_pos_weight is not None and not (math.isfinite(args.bce_pos_weight) and args.bce_pos_weight > 0):
-        raise ValueError(f"--bce-pos-weight must be a finite number > 0, got {args.bce_pos_weight}")
 
 
 def base_loss(args: argparse.Namespace, device: torch.device) -> Optional[nn.Module]:
@@ -209,9 +159,15 @@ def _scheduler(args: argparse.Namespace, optimizer, updates_per_epoch: int):
         raise ValueError(f"--sched {args.sched!r}: {error}") from None
 
 
-def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
-    """Data, model, mixer, probe, optimizer, schedule, EMA and loaders; the resume checkpoint read."""
-    check_config(args, info)
+def build_run(args: argparse.Namespace, info: ProcessInfo, log, progress: bool = False) -> Run:
+    """Data, model, mixer, probe, optimizer, schedule, EMA and loaders; the resume checkpoint read.
+
+    The flags are validated first (:func:`~transmix_train.config.validate_config`); ``progress``:
+    tqdm bars instead of log lines during epochs.
+    """
+    validate_config(args, info.world_size)
+    if args.total_batch_size:
+        args.batch_size = args.total_batch_size // info.world_size
     output = resolve_output(args)
     checkpoint = read_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None and checkpoint.get("arch") not in (None, args.model):
@@ -255,7 +211,7 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log) -> Run:
         clip_grad=args.clip_grad, clip_mode=args.clip_mode, scaler=scaler,
         ema_update=(lambda n: ema.update(module, step=n)) if ema is not None else None,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        log_interval=args.log_interval, log=log, distributed=info.distributed, world_size=info.world_size,
+        log_interval=args.log_interval, log=log, progress=progress, distributed=info.distributed, world_size=info.world_size,
         random_erasing=loaders.random_erasing, recovery_interval=args.recovery_interval,
     )
     criterion = DistillationLoss(teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,

@@ -49,6 +49,7 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from importlib import resources
@@ -59,8 +60,11 @@ import yaml
 from timm.utils import ParseKwargs
 
 from .mixers import MIXERS
+from .model import check_weight_flags
+from .tracking import check_tracking
 
 __all__ = [
+    "ConfigError",
     "DEFAULT_CONFIG",
     "MIX_CHOICES",
     "attn_source",
@@ -69,7 +73,9 @@ __all__ = [
     "default_config_path",
     "load_yaml_config",
     "parse_args",
+    "read_config",
     "save_config",
+    "validate_config",
 ]
 
 #: The packaged config used when no ``--config`` is given.
@@ -340,9 +346,24 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
                        help="with --resume: continue this W&B run (its id is in train.log)")
 
 
+class ConfigError(ValueError):
+    """A configuration ``transmix-train`` cannot run; the message names the flag or config key."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` instead of printing and exiting, so that reading a
+    config (:func:`read_config`) is a function; the command line (:func:`parse_args`) prints it."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full ``transmix-train`` parser (defaults are the DeiT recipe; demo.yaml overrides)."""
-    parser = argparse.ArgumentParser(
+    """The full ``transmix-train`` parser (defaults are the DeiT recipe; demo.yaml overrides).
+
+    Its errors raise :class:`ConfigError` (``--help`` still prints and exits).
+    """
+    parser = _Parser(
         prog="transmix-train",
         usage="%(prog)s [--config FILE] [--FLAG VALUE ...]   (see --help)",
         description="Train a timm vision transformer with the DeiT recipe and TransMix.",
@@ -423,7 +444,17 @@ def _checkpoint_config(path: str, parser: argparse.ArgumentParser) -> dict[str, 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``): a config first, then flags win.
+    """The command line: :func:`read_config`, with an error printed after the usage line and exit
+    status 2, as argparse does. Values are checked by :func:`validate_config`, not here."""
+    try:
+        return read_config(argv)
+    except ConfigError as error:
+        argparse.ArgumentParser(prog="transmix-train", usage=build_parser().usage).error(str(error))
+
+
+def read_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``): a config first, then flags win. An unknown flag or
+    key, a value of the wrong type, a missing file: :class:`ConfigError` naming it.
 
     The config is ``--config FILE``; without it, the config saved in the ``--resume`` checkpoint
     (so ``transmix-train --resume out/last.pth`` continues the same run), else the packaged
@@ -431,7 +462,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early = _Parser(add_help=False, allow_abbrev=False)
     early.add_argument("-c", "--config", default=None)
     early.add_argument("--resume", default=None)
     known, _ = early.parse_known_args(argv)
@@ -472,3 +503,68 @@ def save_config(args: argparse.Namespace, output_dir: str | os.PathLike, name: s
     path = Path(output_dir) / name
     path.write_text(yaml.safe_dump(values, sort_keys=True))
     return path
+
+
+def validate_config(args: argparse.Namespace, world_size: int = 1) -> None:
+    """The one validation step: every flag value, and every combination of flags, that cannot
+    work raises :class:`ConfigError` naming the flag (nothing is read, built or written here).
+
+    ``world_size``: the number of processes, for ``--total-batch-size``. ``args`` is not changed.
+    """
+    try:
+        _validate(args, world_size)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the checks of model.py and tracking.py
+        raise ConfigError(str(error)) from None
+
+
+def _validate(args: argparse.Namespace, world_size: int) -> None:
+    batch_size = args.batch_size
+    if getattr(args, "total_batch_size", None):
+        if args.total_batch_size % world_size:
+            raise ConfigError(f"--total-batch-size {args.total_batch_size} is not divisible by the "
+                              f"{world_size} processes")
+        batch_size = args.total_batch_size // world_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    for name in ("epochs", "grad_accum_steps", "log_interval"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("checkpoint_hist", "recovery_interval", "aug_repeats"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.aug_repeats == 1:
+        raise ConfigError("--aug-repeats 1 repeats nothing: use 0 (off) or >= 2 (DeiT uses 3)")
+    for name in ("stop_after_epochs", "limit_train_batches", "limit_val_batches", "validation_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.mix != "none" and batch_size % 2:
+        raise ConfigError(f"--batch-size {batch_size} per process is odd: timm's mixing modes pair image i "
+                          f"with image B-1-i and need an even batch (--mix {args.mix})")
+    if args.eval_only and not args.resume:
+        raise ConfigError("--eval-only needs --resume CKPT (the checkpoint to evaluate)")
+    check_weight_flags(args)
+    if args.distillation_type != "none" and not (args.teacher or args.teacher_model):
+        raise ConfigError(f"--distillation-type {args.distillation_type} needs --teacher CKPT or --teacher-model NAME")
+    _check_recipe_switches(args)
+    check_tracking(args)
+
+
+def _check_recipe_switches(args: argparse.Namespace) -> None:
+    """``--mixup-off-epoch`` and the ``--bce-*`` options."""
+    if args.mixup_off_epoch < 0:
+        raise ConfigError(f"--mixup-off-epoch must be >= 0 (0: mix every epoch), got {args.mixup_off_epoch}")
+    if not args.bce_loss:
+        given = [flag for flag, value in (("--bce-target-thresh", args.bce_target_thresh is not None),
+                                          ("--bce-pos-weight", args.bce_pos_weight is not None),
+                                          ("--bce-sum", args.bce_sum)) if value]
+        if given:
+            raise ConfigError(f"{given[0]} sets up the BCE loss: it needs --bce-loss")
+        return
+    if args.bce_target_thresh is not None and not 0.0 <= args.bce_target_thresh < 1.0:
+        raise ConfigError(f"--bce-target-thresh must be in [0, 1) (targets above it become 1), "
+                          f"got {args.bce_target_thresh}")
+    if args.bce_pos_weight is not None and not (math.isfinite(args.bce_pos_weight) and args.bce_pos_weight > 0):
+        raise ConfigError(f"--bce-pos-weight must be a finite number > 0, got {args.bce_pos_weight}")

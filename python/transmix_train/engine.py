@@ -63,9 +63,9 @@ class DistillationLoss(nn.Module):
         return (1 - self.alpha) * self.base(logits, targets) + self.alpha * distill
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepConfig:
-    """How steps run (fixed for a run)."""
+    """How steps run: built once by ``build_run`` and frozen for the run."""
 
     device: torch.device
     autocast: Callable[[], ContextManager] = nullcontext

@@ -227,19 +227,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(f"transmix-train: error: {error}")
     logger = setup_logging(None, info.primary)
     try:
-        run = build_run(args, info, logger.info)
-    except ValueError as error:  # a bad configuration: nothing was written
+        run = build_run(args, info, logger.info, progress=info.primary and sys.stderr.isatty())
+    except ValueError as error:  # a bad configuration (ConfigError) or unusable data/weights: nothing was written
         shutdown(info)
         sys.exit(f"transmix-train: error: {error}")
-    run.step.progress = info.primary and sys.stderr.isatty()
     try:
         if args.eval_only:
             _eval_only(run, logger.info)
         else:
             if info.primary:
                 run.output.mkdir(parents=True, exist_ok=True)
-                logger = setup_logging(run.output / "train.log", True)
-                run.step.log = logger.info
+                logger = setup_logging(run.output / "train.log", True)  # the same logger: run.step.log writes there too
             run_training(run, logger.info)
     except NonFiniteLossError as error:
         logger.error(f"transmix-train: {error}")

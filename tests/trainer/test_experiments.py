@@ -109,6 +109,18 @@ def test_unknown_grid_and_bad_flags_exit_with_a_message(capsys):
         main(["table2", "--seeds", "0"])
 
 
+@pytest.mark.parametrize("args, reason", [
+    (["--mixx", "cutmix"], "unrecognized arguments: --mixx"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+], ids=["unknown-flag", "invalid-value"])
+def test_a_cell_the_trainer_rejects_is_named_with_the_reason(tmp_path, capsys, args, reason):
+    grid = load_grid(str(write_grid(tmp_path, [{"name": "bad cell", "args": args}])))
+    with pytest.raises(ValueError) as error:
+        plan_runs(grid, tmp_path / "out", 1)
+    assert "cell 'bad cell'" in str(error.value) and reason in str(error.value)
+    assert capsys.readouterr().err == "", "the trainer's parser printed instead of raising"
+
+
 def test_summary_statistics(tmp_path):
     grid = load_grid(str(write_grid(tmp_path, [{"name": "ref", "args": ["--mix", "cutmix"]},
                                               {"name": "new", "args": ["--mix", "mixup"]}])))

@@ -11,9 +11,9 @@ import yaml
 import sklearn  # noqa: F401  (the train extra: a missing extra fails here, never skips)
 
 from train_tiny import TINY
-from transmix_train.build import check_config
-from transmix_train.config import config_dict, default_config_path, parse_args, save_config
-from transmix_train.distributed import ProcessInfo
+from transmix_train.config import (config_dict, ConfigError, default_config_path, parse_args, read_config, save_config,
+                                   validate_config)
+from transmix_train.engine import StepConfig
 from transmix_train.main import main
 
 
@@ -129,7 +129,41 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 def test_batch_must_divide_over_processes():
     args = parse_args([*TINY, "--total-batch-size", "36"])
-    with pytest.raises(ValueError, match="--total-batch-size 36 is not divisible by the 8 processes"):
-        check_config(args, ProcessInfo(device=torch.device("cpu"), world_size=8))
-    check_config(args, ProcessInfo(device=torch.device("cpu"), world_size=2))
-    assert args.batch_size == 18
+    with pytest.raises(ConfigError, match="--total-batch-size 36 is not divisible by the 8 processes"):
+        validate_config(args, world_size=8)
+    with pytest.raises(ConfigError, match="--batch-size 9 per process is odd"):
+        validate_config(args, world_size=4)
+    before = vars(args).copy()
+    validate_config(args, world_size=2)
+    assert vars(args) == before, "validation changed the config"
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--epochs", "many"], "--epochs: invalid int value: 'many'"),
+    (["--mix", "blend"], "--mix: invalid choice: 'blend'"),
+    (["--config", "/nonexistent.yaml"], "--config: no such file: /nonexistent.yaml"),
+], ids=["unknown-flag", "bad-type", "bad-choice", "missing-config"])
+def test_reading_a_config_raises_instead_of_exiting(argv, named):
+    # Parsing is a function (the experiment runner calls it per cell); only the command line exits.
+    with pytest.raises(ConfigError) as error:
+        read_config(argv)
+    assert named in str(error.value)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--aug-repeats", "1"], "--aug-repeats 1 repeats nothing"),
+    (["--bce-sum"], "--bce-sum sets up the BCE loss: it needs --bce-loss"),
+    (["--teacher-path", "x.pth"], "--teacher-path gives the weights of --teacher-model NAME"),
+], ids=["epochs", "aug-repeats", "bce-without-loss", "teacher-path-alone"])
+def test_validation_is_one_step_apart_from_parsing(argv, named):
+    args = read_config([*TINY, *argv])  # parses: each value has the right type
+    with pytest.raises(ConfigError, match=named.replace("-", "\\-").replace(".", "\\.")):
+        validate_config(args)
+
+
+def test_step_config_is_frozen():
+    step = StepConfig(device=torch.device("cpu"))
+    with pytest.raises(AttributeError):
+        step.progress = True

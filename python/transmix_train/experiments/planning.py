@@ -45,12 +45,14 @@ def _argv(cell: Cell, grid: Grid, seed: int, data: Optional[str], extra: Sequenc
 
 def _run_id(cell: Cell, argv: list[str]) -> str:
     """``<slug>-<hash>``: the hash of the resolved trainer config (what the run computes)."""
-    from ..config import build_parser as build_trainer_parser, config_dict, parse_args
+    from ..config import build_parser as build_trainer_parser, config_dict, ConfigError, read_config, validate_config
 
     try:
-        values = config_dict(parse_args(argv))
-    except SystemExit:  # the trainer's parser printed what is wrong
-        raise ValueError(f"cell {cell.name!r}: transmix-train rejects its flags {shlex.join(argv)}") from None
+        args = read_config(argv)
+        validate_config(args)
+    except ConfigError as error:
+        raise ValueError(f"cell {cell.name!r}: transmix-train rejects its flags {shlex.join(argv)}: {error}") from None
+    values = config_dict(args)
     # Only what differs from the trainer's defaults: a flag added to the trainer later (with a
     # default that keeps old behaviour) leaves the ids, and so the finished runs, valid.
     defaults = config_dict(build_trainer_parser().parse_args([]))
