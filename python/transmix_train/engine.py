@@ -166,12 +166,14 @@ def train_one_epoch(
     num_updates: int,
     resume_from: Optional[EpochProgress] = None,
     recovery: Optional[Callable[[int, int, EpochProgress], None]] = None,
+    on_mix: Optional[Callable[[int, object], None]] = None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of training. Returns ({"loss", "lr", "images_per_s", "seconds"}, num_updates).
 
     ``resume_from``: the epoch continues after ``resume_from.steps`` micro-batches (a recovery
     checkpoint); ``loader`` then yields only the remaining ones. ``recovery(epoch, num_updates,
     progress)`` writes a recovery checkpoint every ``cfg.recovery_interval`` updates.
+    ``on_mix(step, state)`` sees each step's mixer state (e.g. :class:`~transmix_train.mixdigest.MixDigest`).
     """
     model.train()
     done = resume_from or EpochProgress()
@@ -187,6 +189,8 @@ def train_one_epoch(
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         images, mix = mixer(images, labels)  # mixes in place on the device
+        if on_mix is not None:
+            on_mix(step, mix)
         last_micro = (step + 1) % accum == 0 or step + 1 == total
         sync = nullcontext() if last_micro or not cfg.distributed else model.no_sync()
         with sync:

@@ -24,6 +24,7 @@ from .config import config_dict, parse_args, save_config
 from .data import describe_data
 from .distributed import all_gather_objects, init_processes, shutdown
 from .engine import EpochProgress, evaluate, NonFiniteLossError, train_one_epoch
+from .mixdigest import MixDigest
 from .mixers import NoMix
 from .outputs import MetricsLog, plot_curves, run_summary, setup_logging
 from .tracking import open_trackers
@@ -185,12 +186,17 @@ def run_training(run: Run, log) -> float:
         + (f", resuming after {progress.steps} batches of epoch {start_epoch}" if progress else ""))
     num_updates = run.checkpoint.get("num_updates", start_epoch * run.updates_per_epoch) if run.checkpoint \
         else 0
+    # The first steps' mixing draws, fingerprinted once, in a run that starts from scratch.
+    digest = MixDigest(run.output / "mix_digest.json") if run.info.primary and run.checkpoint is None else None
     for epoch in range(start_epoch, stop):
         run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
         recovery = partial(_save_recovery, run, history, best, log=log)  # (epoch, num_updates, progress)
         train, num_updates = train_one_epoch(run.model, run.train_loader, _epoch_mixer(run, epoch, log), run.probe,
                                              run.criterion, run.optimizer, run.scheduler, run.step, epoch,
-                                             num_updates, resume_from=progress, recovery=recovery)
+                                             num_updates, resume_from=progress, recovery=recovery, on_mix=digest)
+        if digest is not None:  # written after the first epoch: its steps are the first ones
+            digest.write()
+            digest = None
         progress = None
         start = time.perf_counter()
         metrics = _evaluate_all(run)

@@ -1,8 +1,9 @@
 """Planning: each cell and seed of a grid becomes one ``transmix-train`` run with its own folder.
 
 A run's folder is named by a hash of its resolved trainer config (only what differs from the
-trainer's defaults), so a finished run is found again by any grid that asks for the same
-training, whatever that grid calls the cell, and wherever its prerequisites were written.
+trainer's defaults) and by the code version (:mod:`.version`), so a finished run is found again by
+any grid that asks for the same training with the same code, whatever that grid calls the cell
+and wherever its prerequisites were written; runs of other code are never reused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .grid import PLACEHOLDER, Cell, Grid
+from .version import code_version
 
 __all__ = ["RunSpec", "plan_runs"]
 
@@ -44,7 +46,8 @@ def _argv(cell: Cell, grid: Grid, seed: int, data: Optional[str], extra: Sequenc
 
 
 def _run_id(cell: Cell, argv: list[str]) -> str:
-    """``<slug>-<hash>``: the hash of the resolved trainer config (what the run computes)."""
+    """``<slug>-<config hash>-<code>``: the resolved trainer config (what the run computes) and the
+    code version that computes it."""
     from ..config import build_parser as build_trainer_parser, config_dict, ConfigError, read_config, validate_config
 
     try:
@@ -61,13 +64,13 @@ def _run_id(cell: Cell, argv: list[str]) -> str:
         values.pop(key, None)
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
     slug = re.sub(r"[^a-z0-9]+", "-", cell.name.lower()).strip("-")
-    return f"{slug}-{digest}"
+    return f"{slug}-{digest}-{code_version()['source'][:8]}"
 
 
 def _run_folder(runs_dir: Path, run_id: str) -> Path:
-    """The folder of a run: an existing one with the same config hash (a cell of another grid
-    named differently, e.g. Table 1's "d = 6 (last)" is Table 2's "TransMix"), else a new name."""
-    digest = run_id.rsplit("-", 1)[-1]
+    """The folder of a run: an existing one with the same config hash and code (a cell of another
+    grid named differently, e.g. Table 1's "d = 6 (last)" is Table 2's "TransMix"), else a new name."""
+    digest = "-".join(run_id.rsplit("-", 2)[-2:])
     existing = sorted(runs_dir.glob(f"*-{digest}")) if runs_dir.is_dir() else []
     return existing[0] if existing else runs_dir / run_id
 

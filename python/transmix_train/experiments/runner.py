@@ -2,9 +2,10 @@
 
 A run takes a lock file in its folder (two ``transmix-experiment`` calls on one ``--output``
 never train the same run at once), continues from its ``last.pth`` when one is there, and on
-success leaves ``result.json`` (final and best top-1, throughput, parameters, wall time,
-commit). Runs go seed by seed, ``jobs`` side by side; a run is not started when the mean wall
-time of the runs so far says it would not fit in the budget left.
+success leaves ``result.json`` (final and best top-1, throughput, parameters, wall time, code
+version, the digest of the first mixing draws). Runs go seed by seed, ``jobs`` side by side; a
+run is not started when the mean wall time of the runs so far says it would not fit in the
+budget left.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .grid import Grid, needed_prerequisites
 from .planning import RunSpec, plan_runs
 from .report import write_outputs
 from .stats import summarise
+from .version import code_version
 
 __all__ = ["run_grid"]
 
@@ -45,14 +47,10 @@ def _read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _commit() -> Optional[str]:
-    """The checkout's git commit (provenance of a result), or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+def _mix_digest(folder: Path) -> Optional[dict[str, Any]]:
+    """The trainer's fingerprint of its first mixing draws (``mix_digest.json``), if it wrote one."""
+    path = folder / "mix_digest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _finish(spec: RunSpec, wall_s: float) -> dict[str, Any]:
@@ -63,7 +61,8 @@ def _finish(spec: RunSpec, wall_s: float) -> dict[str, Any]:
         "cell": spec.cell.name, "seed": spec.seed, "epochs": len(rows), "top1": top1[-1], "best_top1": max(top1),
         "images_per_s": sum(float(r["images_per_s"]) for r in rows) / len(rows),
         "train_s": sum(float(r["seconds"]) for r in rows), "wall_s": wall_s,
-        "params": _parameters(spec.output / "last.pth"), "argv": spec.argv, "commit": _commit(),
+        "params": _parameters(spec.output / "last.pth"), "argv": spec.argv, "code": code_version(),
+        "mix_digest": _mix_digest(spec.output),
     }
     (spec.output / "result.json").write_text(json.dumps(result, indent=1))
     return result
