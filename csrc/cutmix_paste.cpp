@@ -164,11 +164,16 @@ void cutmix_paste_cpu_(at::Tensor images, const at::Tensor& boxes, const at::Ten
         }
       }
     };
-    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        // Each pair once, from its smaller index; a sample paired with itself keeps its pixels.
-        if (src_of[b] > b) swap_pair(b, src_of[b]);
-      }
+    // Each pair once, from its smaller index; a sample paired with itself keeps its pixels. The
+    // pairs are listed first so that the threads share them evenly: for the flipped batch every
+    // smaller index lies in the first half, which a split of [0, batch) would give to one thread.
+    std::vector<int64_t> leaders;
+    leaders.reserve(batch / 2 + 1);
+    for (int64_t b = 0; b < batch; ++b) {
+      if (src_of[b] > b) leaders.push_back(b);
+    }
+    at::parallel_for(0, static_cast<int64_t>(leaders.size()), 8, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) swap_pair(leaders[i], src_of[leaders[i]]);
     });
     return;
   }
