@@ -27,6 +27,11 @@ K=100; also with the DeiT recipe's Mixup 0.8 / CutMix 1.0 / switch 0.5). Loops:
 Groups ``+token-mask`` also make the (B, gh*gw) token mask of a 16-px patch grid, as TransMix
 needs for attention labels (ours fuses it into the paste; the reference resizes the pixel
 mask); timm and torchvision cannot, so they are not in those groups.
+
+Groups ``mask-paste-vs-box``: ``tk.mask_paste`` (provider ``transmix``) against ``tk.cutmix_paste``
+on the same work, per-sample boxes on the 16-px patch grid given as (B, gh, gw) cell masks or as
+boxes, with the token mask, out of place and in place (``impl="auto"`` for both): what the
+generality of a cell mask costs over a box.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torchvision.transforms import v2
 import transmix_kernels as tk
 from transmix_kernels import reference
 
-from conftest import bench_devices, sync
+from conftest import OURS, bench_devices, sync
 
 PATCH = 16
 RECIPES = {  # (mixup_alpha, cutmix_alpha, switch_prob)
@@ -221,3 +226,42 @@ def test_attention_targets(benchmark, record, provider, dims, device):
             return out
 
     benchmark.pedantic(run, rounds=50, warmup_rounds=5)
+
+
+PASTE_SHAPES = [pytest.param(SMALL, id="256x3x32x32"), pytest.param(LARGE, id="64x3x224x224")]
+
+
+def cell_box_batch(shape, device: torch.device):
+    """Images, per-sample boxes on the 16-px patch grid, and the same boxes as (B, gh, gw) cell masks."""
+    batch, _, height, width = shape
+    gen = torch.Generator().manual_seed(2)
+    grid = (height // PATCH, width // PATCH)
+    rows = torch.randint(0, grid[0] + 1, (batch, 2), generator=gen).sort(1).values
+    cols = torch.randint(0, grid[1] + 1, (batch, 2), generator=gen).sort(1).values
+    cell_boxes = torch.cat([rows, cols], 1)
+    mask = reference.box_pixel_mask(cell_boxes, batch, *grid)[:, 0]
+    images = torch.randn(shape, generator=gen)
+    return images.to(device), (cell_boxes * PATCH).to(device), mask.to(device), grid
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("shape", PASTE_SHAPES)
+@pytest.mark.parametrize("provider", ["transmix", "cutmix_paste"])
+def test_mask_paste(benchmark, record, provider, shape, inplace, device):
+    """tk.mask_paste ("transmix") vs tk.cutmix_paste: the same boxes, as cell masks or as boxes."""
+    device = torch.device(device)
+    images, boxes, mask, grid = cell_box_batch(shape, device)
+    size = "x".join(map(str, shape))
+    record(f"mask-paste-vs-box {size} {'inplace' if inplace else 'out-of-place'} {device.type}", provider, device)
+    benchmark.extra_info["kind"] = OURS  # both providers are this library's ops
+
+    def run(batch):
+        if provider == "transmix":
+            out = tk.mask_paste(batch, mask, token_grid=grid, inplace=inplace)
+        else:
+            out = tk.cutmix_paste(batch, boxes, token_grid=grid, inplace=inplace)
+        sync(batch.device)
+        return out
+
+    benchmark.pedantic(run, setup=lambda: ((images.clone(),), {}), rounds=30, warmup_rounds=3)

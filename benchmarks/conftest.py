@@ -29,6 +29,7 @@ PROVIDER_KINDS = {
     "transmix": OURS,
     "fused-triton": OURS,
     "fused-torch": OURS,
+    "cutmix_paste": OURS,  # the box op, against mask_paste in the mask-paste-vs-box groups
     "extension": OURS,
     "transmix-torch-path": SAME_ALGORITHM,
     "torch-vector-chain": SAME_ALGORITHM,

@@ -14,6 +14,7 @@ from . import reference
 # Mixing: boxes, paste, label weights, and the timm-Mixup drop-in.
 from .boxes import sample_boxes
 from .cutmix_paste import cutmix_paste
+from .mask_paste import mask_paste
 from .transmix_lambda import mix_targets, transmix_lambda, transmix_targets
 from .mixer import MixState, TransMix
 
@@ -38,6 +39,7 @@ __all__ = [
     "cutmix_paste",
     "infer_token_grid",
     "info",
+    "mask_paste",
     "mix_targets",
     "reference",
     "register_attention_family",

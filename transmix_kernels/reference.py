@@ -20,6 +20,7 @@ __all__ = [
     "class_attention_row",
     "cutmix_paste",
     "draw_box_randoms",
+    "mask_paste",
     "mix_targets",
     "rollout_from_qk",
     "sample_boxes",
@@ -107,6 +108,31 @@ def cutmix_paste(
         images.copy_(mixed)
         mixed = images
     return mixed, token_mask
+
+
+def mask_paste(
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    partner: torch.Tensor | None = None,
+    *,
+    token_grid: tuple[int, int] | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Paste from a (B, gh, gw) cell mask, official style: pixel (y, x) takes the value of cell
+    (y // (H // gh), x // (W // gw)) in a full (B, 1, H, W) pixel mask, a full partner copy of the
+    batch is selected under it, and the token mask is the nearest resize of the pixel mask."""
+    batch, _, height, width = images.shape
+    if partner is None:
+        partner = flipped_partner(batch, images.device)
+    cell_rows = torch.arange(height, device=images.device) // (height // mask.shape[1])
+    cell_cols = torch.arange(width, device=images.device) // (width // mask.shape[2])
+    pixel_mask = (mask != 0)[:, cell_rows][:, :, cell_cols].unsqueeze(1)
+    mixed = torch.where(pixel_mask, images[partner], images)
+    if inplace:
+        mixed = images.copy_(mixed)
+    if token_grid is None:
+        return mixed, None
+    return mixed, F.interpolate(pixel_mask.float(), size=tuple(token_grid), mode="nearest").flatten(1)
 
 
 def transmix_lambda(

@@ -71,3 +71,33 @@ def test_default_inductor(seed, device):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     check_against_eager(step, compiled, make_inputs(device))
+
+
+MASK_H, MASK_W, CELLS, TOKENS = 12, 18, (3, 3), (6, 9)  # 4x6-pixel cells of 2x3 tokens
+
+
+def mask_step(images, mask, partner):
+    mixed, token_mask = tk.mask_paste(images, mask, partner, token_grid=TOKENS)
+    _, token_mask_in = tk.mask_paste(images, mask, partner, token_grid=TOKENS, inplace=True)
+    return mixed * 2, token_mask, token_mask_in
+
+
+def mask_inputs(device):
+    return {"images": torch.randn(B, C, MASK_H, MASK_W).to(device),
+            "mask": (torch.rand(B, *CELLS) < 0.5).float().to(device), "partner": torch.randperm(B).to(device)}
+
+
+def test_mask_paste_fullgraph_aot_eager(seed, device):
+    """mask_paste out of place and in place in one graph; new masks and partners reuse it, and a
+    mask value other than 0/1 fails the graph's run-time assert before any pixel moves."""
+    torch._dynamo.reset()
+    compiled = torch.compile(mask_step, fullgraph=True, backend="aot_eager")
+    check_against_eager(mask_step, compiled, mask_inputs(device))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check_against_eager(mask_step, compiled, mask_inputs(device))
+    bad = mask_inputs(device)
+    bad["mask"][2, 1, 0] = 0.5
+    images = bad["images"].clone()
+    with pytest.raises(RuntimeError):
+        compiled(**bad)
+    assert_equal("images untouched by the failed call", bad["images"], images)
