@@ -17,6 +17,8 @@ from .cutmix_paste import cutmix_paste
 from .mask_paste import mask_paste
 from .transmix_lambda import mix_targets, transmix_lambda, transmix_targets
 from .mixer import MixState, TransMix
+from .mixpro import MixPro, MixProState
+from .tokenmix import TokenMix, TokenMixState
 
 # Attention: the probe on timm models, the fused class-attention lambda, rollout.
 from .class_attention_lambda import class_attention_lambda, class_attention_row
@@ -31,7 +33,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassAttentionProbe",
+    "MixPro",
+    "MixProState",
     "MixState",
+    "TokenMix",
+    "TokenMixState",
     "TransMix",
     "attention_rollout",
     "class_attention_lambda",

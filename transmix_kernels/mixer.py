@@ -34,7 +34,7 @@ from .cutmix_paste import PASTE_INPLACE, run_paste, token_mask_torch
 from .probe import infer_token_grid
 from .transmix_lambda import LAMBDA_TARGETS, transmix_lambda, transmix_targets
 
-__all__ = ["MODES", "MixState", "TransMix"]
+__all__ = ["MODES", "DrawState", "MixState", "TransMix", "check_mix_call", "check_pair", "token_grid_for"]
 
 MODES = ("batch", "pair", "elem")
 
@@ -192,6 +192,51 @@ class MixState:
         )
 
 
+def check_pair(name: str, value) -> tuple[int, int] | None:
+    """None, or a positive int / pair of positive ints as a (int, int) tuple (patch size, token grid)."""
+    if value is None:
+        return None
+    pair = (value, value) if is_int(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(v) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return tuple(pair)
+
+
+def token_grid_for(height: int, width: int, token_grid, patch_size, model) -> tuple[int, int] | None:
+    """The (gh, gw) token grid of a mixer for ``height`` x ``width`` images: a fixed ``token_grid``,
+    else image size // ``patch_size``, else the grid of ``model`` (a supported timm model), else None."""
+    if token_grid is not None:
+        grid = token_grid
+    elif patch_size is not None:
+        grid = height // patch_size[0], width // patch_size[1]
+    elif model is not None:
+        grid = tuple(infer_token_grid(model, (height, width)))
+    else:
+        return None
+    if grid[0] > height or grid[1] > width or min(grid) < 1:
+        raise ValueError(f"token grid {grid} does not fit {height}x{width} images")
+    return grid
+
+
+def check_mix_call(images, target, num_classes: int, impl: str, paste_op, *, even_batch: bool = False,
+                   mixer: str = "TransMix") -> str:
+    """A mixer call's checks, all before any work; returns the backend of ``paste_op`` for ``impl``."""
+    check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
+    backend = resolve_backend(impl, images.device, paste_op)  # impl='triton' needs a Triton device
+    check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
+    batch = images.shape[0]
+    if target.shape[0] != batch:
+        raise ValueError(f"target must have shape ({batch},) like images' batch, got {tuple(target.shape)}")
+    if batch == 0:
+        raise ValueError("images must hold at least one sample, got an empty batch")
+    if even_batch and batch % 2:
+        raise ValueError(f"mode='pair' needs an even batch size, got {batch}")
+    check_index_range("target", target, 0, num_classes)
+    if not is_dense(images):
+        raise ValueError(f"images must be contiguous or channels_last: {mixer} mixes them in place")
+    return backend
+
+
 def _generator(seed: int | None, generator: np.random.Generator | None) -> np.random.Generator:
     """``generator`` itself, or a new one from ``seed``: one source of draws for a mixer."""
     if generator is None:
@@ -203,7 +248,37 @@ def _generator(seed: int | None, generator: np.random.Generator | None) -> np.ra
     return generator
 
 
-class TransMix:
+class DrawState:
+    """``state_dict`` / ``load_state_dict`` of a mixer drawing from ``self.rng`` (a NumPy Generator)
+    with a ``mixup_enabled`` switch: TransMix's protocol, shared by the other mixers."""
+
+    rng: np.random.Generator
+    mixup_enabled: bool
+
+    def _set_grid_and_draws(self, patch_size, token_grid, model, impl: str, seed, generator) -> None:
+        """The token-grid sources, the backend and the generator, checked (the mixers' common arguments)."""
+        self.patch_size = check_pair("patch_size", patch_size)
+        self.token_grid = check_pair("token_grid", token_grid)
+        self.model = model
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
+        self.mixup_enabled = True
+        self.rng = _generator(seed, generator)
+
+    def state_dict(self) -> dict:
+        """Where this mixer's random draws stand (plain values: pickle- and ``weights_only``-safe)."""
+        return {"generator": self.rng.bit_generator.state, "mixup_enabled": self.mixup_enabled}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s ``state``: the next calls draw what they drew then."""
+        if not isinstance(state, dict) or "generator" not in state:
+            raise ValueError(f"state must be a {type(self).__name__}.state_dict(), got {type(state).__name__}")
+        self.rng.bit_generator.state = state["generator"]
+        self.mixup_enabled = bool(state.get("mixup_enabled", True))
+
+
+class TransMix(DrawState):
     """TransMix / CutMix / Mixup batch mixing with timm Mixup's hyper-parameters.
 
     Args:
@@ -268,34 +343,7 @@ class TransMix:
         self.correct_lam = bool(correct_lam)
         self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 1.0)
         self.ratio = check_range("ratio", ratio, 0.0, 1.0)
-        self.patch_size = self._pair("patch_size", patch_size)
-        self.token_grid = self._pair("token_grid", token_grid)
-        self.model = model
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.impl = impl
-        self.mixup_enabled = True
-        self.rng = _generator(seed, generator)
-
-    def state_dict(self) -> dict:
-        """Where this mixer's random draws stand (plain values: pickle- and ``weights_only``-safe)."""
-        return {"generator": self.rng.bit_generator.state, "mixup_enabled": self.mixup_enabled}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`'s ``state``: the next calls draw what they drew then."""
-        if not isinstance(state, dict) or "generator" not in state:
-            raise ValueError(f"state must be a TransMix.state_dict(), got {type(state).__name__}")
-        self.rng.bit_generator.state = state["generator"]
-        self.mixup_enabled = bool(state.get("mixup_enabled", True))
-
-    @staticmethod
-    def _pair(name: str, value):
-        if value is None:
-            return None
-        pair = (value, value) if is_int(value) else value
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(v) and v >= 1 for v in pair):
-            raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-        return tuple(pair)
+        self._set_grid_and_draws(patch_size, token_grid, model, impl, seed, generator)
 
     # -------------------------------------------------------------- random parameters (host)
 
@@ -330,39 +378,12 @@ class TransMix:
 
     # -------------------------------------------------------------- mixing
 
-    def _grid(self, height: int, width: int) -> tuple[int, int] | None:
-        if self.token_grid is not None:
-            return self.token_grid
-        if self.patch_size is not None:
-            return height // self.patch_size[0], width // self.patch_size[1]
-        if self.model is not None:
-            return tuple(infer_token_grid(self.model, (height, width)))
-        return None
-
-    def _check_call(self, images, target) -> str:
-        """All checks before any work; returns the paste backend."""
-        check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
-        backend = resolve_backend(self.impl, images.device, PASTE_INPLACE)  # impl='triton' needs a Triton device
-        check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=images.device)
-        batch = images.shape[0]
-        if target.shape[0] != batch:
-            raise ValueError(f"target must have shape ({batch},) like images' batch, got {tuple(target.shape)}")
-        if batch == 0:
-            raise ValueError("images must hold at least one sample, got an empty batch")
-        if self.mode == "pair" and batch % 2:
-            raise ValueError(f"mode='pair' needs an even batch size, got {batch}")
-        check_index_range("target", target, 0, self.num_classes)
-        if not is_dense(images):
-            raise ValueError("images must be contiguous or channels_last: TransMix mixes them in place")
-        return backend
-
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, MixState]:
         """Mix ``images`` (B, C, H, W) in place; ``target`` (B,) int64. Returns (images, MixState)."""
-        backend = self._check_call(images, target)
+        backend = check_mix_call(images, target, self.num_classes, self.impl, PASTE_INPLACE,
+                                 even_batch=self.mode == "pair")
         batch, _, height, width = images.shape
-        grid = self._grid(height, width)
-        if grid is not None and (grid[0] > height or grid[1] > width or min(grid) < 1):
-            raise ValueError(f"token grid {grid} does not fit {height}x{width} images")
+        grid = token_grid_for(height, width, self.token_grid, self.patch_size, self.model)
         if self.mode == "batch":
             lam, use_cutmix = self._draw(1)
             lam, use_cutmix = np.repeat(lam, batch), np.repeat(use_cutmix, batch)

@@ -23,8 +23,10 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
   plain resize), ``--crop-scale``, ``--crop-ratio``, ``--hflip``, ``--vflip``, ``--color-jitter``,
   ``--aa`` (RandAugment string or ``none``), ``--reprob`` / ``--remode`` / ``--recount``
   (random erasing), ``--interpolation``, ``--crop-pct`` (eval), ``--mean`` / ``--std``
-- mixing: ``--mix`` (none | mixup | cutmix | transmix | saliencymix | attentive_cutmix | puzzlemix),
-  ``--attentive-checkpoint``, ``--attentive-topk``, ``--mixup``, ``--cutmix``,
+- mixing: ``--mix`` (none | mixup | cutmix | transmix | saliencymix | attentive_cutmix | puzzlemix |
+  mixpro | tokenmix), ``--attentive-checkpoint``, ``--attentive-topk``, ``--mixpro-mask-size``,
+  ``--mixpro-mask-alpha``, ``--mixpro-prob``, ``--mixpro-pal-smoothing``, ``--tokenmix-mask-ratio``,
+  ``--tokenmix-min-tokens``, ``--mixup``, ``--cutmix``,
   ``--cutmix-minmax``, ``--mixup-prob``, ``--mixup-switch-prob``, ``--mixup-mode``
   (batch | pair | elem), ``--smoothing``, ``--attn-source`` (last | rollout | block index),
   ``--transmix-ratio`` (weight of the area lam), ``--mixup-off-epoch``, ``--bce-loss``,
@@ -224,10 +226,26 @@ def _add_mixing(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mix", default="transmix", choices=MIX_CHOICES,
                        help="none; mixup (Mixup only); cutmix (timm's Mixup/CutMix switch, area labels); "
                             "transmix (the same draws, CutMix labels re-weighted by attention); saliencymix, "
-                            "attentive_cutmix, puzzlemix (the compared variants in CutMix's place)")
+                            "attentive_cutmix, puzzlemix (the compared variants in CutMix's place); mixpro "
+                            "(MaskMix + progressive attention labels); tokenmix (block token masks, attention "
+                            "labels)")
     group.add_argument("--attentive-checkpoint", default=None, metavar="CKPT",
                        help="attentive_cutmix: the frozen CNN (a transmix-train checkpoint of a timm CNN)")
     group.add_argument("--attentive-topk", type=int, default=6, help="attentive_cutmix: cells of 7x7 pasted")
+    group.add_argument("--mixpro-mask-size", type=int, default=16, metavar="PIXELS",
+                       help="mixpro: MaskMix cell side, a multiple of the patch size dividing the image "
+                            "(official DeiT configs: 56 = 4 patches of 14)")
+    group.add_argument("--mixpro-mask-alpha", type=float, default=1.0,
+                       help="mixpro: Beta alpha of the batch's own-cell ratio")
+    group.add_argument("--mixpro-prob", type=float, default=0.5,
+                       help="mixpro: probability of a MaskMix batch; the others get timm's Mixup/CutMix "
+                            "(area labels)")
+    group.add_argument("--mixpro-pal-smoothing", type=float, default=0.0,
+                       help="mixpro: label smoothing of the attention-labelled targets (official: 0, hard labels)")
+    group.add_argument("--tokenmix-mask-ratio", type=float, default=0.5,
+                       help="tokenmix: masked token share before --tokenmix-min-tokens (official 0.5)")
+    group.add_argument("--tokenmix-min-tokens", type=int, default=14,
+                       help="tokenmix: tokens added to the masked count (official 14, for a 14x14 grid)")
     group.add_argument("--mixup", type=float, default=0.8, help="Mixup beta alpha (0: CutMix only)")
     group.add_argument("--cutmix", type=float, default=1.0, help="CutMix beta alpha")
     group.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),

@@ -8,7 +8,8 @@ Every mixer has TransMix's interface::
 and ``uses_attention`` says whether the training step should attach a ``ClassAttentionProbe``.
 A new mixer is one function added to :data:`MIXERS`. The compared variants (saliencymix,
 attentive_cutmix, puzzlemix) live in ``saliency.py``, ``attentive.py`` and ``puzzle.py`` beside
-this file, on the shared pair-mixing state of ``base.py``.
+this file, on the shared pair-mixing state of ``base.py``; mixpro and tokenmix are ``tk.MixPro``
+(its logits hook in ``pal.py``) and ``tk.TokenMix`` (teacher-free: attention labels).
 """
 
 from __future__ import annotations
@@ -123,6 +124,30 @@ def _puzzlemix(args, num_classes, model, seed) -> Mixing:
                   name="puzzlemix")
 
 
+def _mixpro(args, num_classes, model, seed) -> Mixing:
+    from .pal import LogitsMixPro
+
+    mixpro = tk.MixPro(
+        num_classes, mask_size=args.mixpro_mask_size, mask_alpha=args.mixpro_mask_alpha,
+        maskmix_prob=args.mixpro_prob, pal_smoothing=args.mixpro_pal_smoothing, mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix, cutmix_minmax=tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
+        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        label_smoothing=args.smoothing, model=model, seed=seed,
+    )
+    # PAL reads the attention (the probe) and the logits of the same forward (kept by a hook).
+    return Mixing(LogitsMixPro(mixpro, model), uses_attention=True, name="mixpro")
+
+
+def _tokenmix(args, num_classes, model, seed) -> Mixing:
+    # Teacher-free: the token mask's label by the student's attention (TransMix's rule, --transmix-ratio).
+    mixer = tk.TokenMix(
+        num_classes, mixup_alpha=args.mixup, switch_prob=args.mixup_switch_prob, prob=args.mixup_prob,
+        mask_ratio=args.tokenmix_mask_ratio, min_tokens=args.tokenmix_min_tokens, label_smoothing=args.smoothing,
+        ratio=args.transmix_ratio, model=model, seed=seed,
+    )
+    return Mixing(mixer, uses_attention=True, name="tokenmix")
+
+
 #: The flag behind each mixer argument: the mixers' checks name their argument first ("prob must
 #: be ..."), and a trainer error names the flag the user typed.
 ARGUMENT_FLAGS: dict[str, str] = {
@@ -136,6 +161,12 @@ ARGUMENT_FLAGS: dict[str, str] = {
     "label_smoothing": "--smoothing",
     "ratio": "--transmix-ratio",
     "topk": "--attentive-topk",
+    "mask_size": "--mixpro-mask-size",
+    "mask_alpha": "--mixpro-mask-alpha",
+    "maskmix_prob": "--mixpro-prob",
+    "pal_smoothing": "--mixpro-pal-smoothing",
+    "mask_ratio": "--tokenmix-mask-ratio",
+    "min_tokens": "--tokenmix-min-tokens",
 }
 
 
@@ -157,6 +188,8 @@ MIXERS: dict[str, Callable[..., Mixing]] = {
     "saliencymix": _saliencymix,
     "attentive_cutmix": _attentive_cutmix,
     "puzzlemix": _puzzlemix,
+    "mixpro": _mixpro,
+    "tokenmix": _tokenmix,
 }
 
 
