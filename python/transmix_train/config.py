@@ -10,7 +10,7 @@ Flag groups (every flag; ``None`` means "automatic", decided in the trainer):
 
 - run: ``--config``, ``--output``, ``--seed``, ``--device``, ``--resume``, ``--eval-only``,
   ``--stop-after-epochs``, ``--limit-train-batches``, ``--limit-val-batches``, ``--log-interval``,
-  ``--checkpoint-hist``, ``--recovery-interval``, ``--dist-backend``
+  ``--checkpoint-hist``, ``--recovery-interval``, ``--fidelity-every``, ``--dist-backend``
 - data: ``--data`` (digits | shapes | synthetic | PATH with train/ and val/), timm's
   ``create_dataset`` sources: ``--dataset`` (hfds/ | hfids/ | wds/ | tfds/ | torch/ NAME, or a
   folder or tar), ``--data-dir``, ``--train-split``, ``--val-split``, ``--class-map``,
@@ -61,6 +61,7 @@ from typing import Any, Sequence
 import yaml
 from timm.utils import ParseKwargs
 
+from .fidelity import fidelity_every
 from .mixers import MIXERS
 from .model import check_weight_flags
 from .tracking import check_tracking
@@ -147,6 +148,10 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recovery-interval", type=int, default=0, metavar="N",
                        help="write recovery-<epoch>-<update>.pth every N optimizer updates inside an epoch (the newest "
                             "is kept until the epoch ends); --resume from it continues exactly")
+    group.add_argument("--fidelity-every", type=fidelity_every, default=0, metavar="N",
+                       help="every N epochs, score the area, attention and TransMix labels of seeded CutMix pairs of "
+                            "val images against the true object share (digits, shapes): fidelity.csv and fidelity.png "
+                            "in the output folder (0: off; see transmix-fidelity)")
     group.add_argument("--dist-backend", default=None, help="torch.distributed backend (default nccl on GPU, gloo on CPU)")
 
 

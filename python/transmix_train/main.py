@@ -24,6 +24,7 @@ from .config import config_dict, parse_args, save_config
 from .data import describe_data
 from .distributed import all_gather_objects, init_processes, shutdown
 from .engine import EpochProgress, evaluate, NonFiniteLossError, train_one_epoch
+from .fidelity import record_fidelity
 from .mixdigest import MixDigest
 from .mixers import NoMix
 from .outputs import MetricsLog, plot_curves, run_summary, setup_logging
@@ -205,6 +206,7 @@ def run_training(run: Run, log) -> float:
                    "images_per_s": train["images_per_s"], "seconds": train["seconds"] + time.perf_counter() - start}
         best = _end_epoch(run, history, epoch, metrics, best, num_updates, log)
         run.trackers.log({"epoch": epoch, **metrics})
+        record_fidelity(run, epoch, log)  # --fidelity-every N: fidelity.csv / fidelity.png
     run.trackers.close()
     if run.info.primary:
         plot_curves(run.output / "metrics.csv", run.output / "curves.png")

@@ -41,13 +41,20 @@ def _shape_mask(kind: int, yy: torch.Tensor, xx: torch.Tensor, radius: torch.Ten
 
 
 def make_shapes(
-    count: int, size: int = 224, *, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
+    count: int, size: int = 224, *, seed: int = 0, dtype: torch.dtype = torch.float32, return_masks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw `count` labelled images.
 
     Returns:
         images: (count, 3, size, size) in roughly ImageNet-normalised range (mean 0, std ~1).
         labels: (count,) int64 in [0, 10).
+        masks: only with ``return_masks=True``: (count, size, size) bool, True on the pixels drawn in
+            the shape's colour (the object; everything else is background noise). The images and
+            labels are the same, bit for bit, with or without it.
+
+    Example::
+
+        images, labels, masks = make_shapes(8, 32, seed=1, return_masks=True)
     """
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, len(CLASSES), (count,), generator=gen)
@@ -66,4 +73,5 @@ def make_shapes(
     background = 0.3 * torch.rand(count, 3, 1, 1, generator=gen) + 0.15 * torch.randn(count, 3, size, size, generator=gen)
     colour = 0.5 + 0.5 * torch.rand(count, 3, 1, 1, generator=gen)
     images = torch.where(mask.unsqueeze(1), colour, background)
-    return ((images - 0.35) / 0.3).to(dtype), labels
+    images = ((images - 0.35) / 0.3).to(dtype)
+    return (images, labels, mask) if return_masks else (images, labels)
