@@ -212,3 +212,20 @@ def test_the_package_is_the_command():
     done = subprocess.run([sys.executable, "-m", "transmix_train.experiments", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: transmix-experiment"), done.stderr
+
+
+def test_a_grid_stops_when_the_code_changes_under_it(tmp_path, monkeypatch):
+    import transmix_train.experiments.version as version
+
+    root = tmp_path / "pkg"
+    root.mkdir()
+    (root / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(version, "_source_roots", lambda: [root])
+    version.source_digest.cache_clear()
+    try:
+        version.check_unchanged()  # planned and current agree
+        (root / "a.py").write_text("x = 2\n")
+        with pytest.raises(RuntimeError, match="the source changed since the grid was planned"):
+            version.check_unchanged()
+    finally:
+        version.source_digest.cache_clear()

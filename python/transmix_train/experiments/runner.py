@@ -26,7 +26,7 @@ from .grid import Grid, needed_prerequisites
 from .planning import RunSpec, plan_runs
 from .report import write_outputs
 from .stats import summarise
-from .version import code_version
+from .version import check_unchanged, code_version
 
 __all__ = ["run_grid"]
 
@@ -171,6 +171,7 @@ def run_grid(grid: Grid, output: Path, *, seeds: int = 3, data: Optional[str] = 
 
     def attempt(spec: RunSpec) -> None:
         if not spec.done and budget.admit(log):
+            check_unchanged()  # a run must run the code its folder is named after
             budget.record(_execute(spec, budget.left(), threads, log))
 
     for spec in prerequisites.values():  # the cells read their checkpoints: first, one at a time

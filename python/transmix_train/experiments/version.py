@@ -19,7 +19,7 @@ from typing import Any, Optional
 import transmix_kernels
 import transmix_train
 
-__all__ = ["code_version", "source_digest"]
+__all__ = ["check_unchanged", "code_version", "source_digest"]
 
 _SUFFIXES = (".py", ".yaml", ".cpp", ".cu", ".h")
 
@@ -31,9 +31,7 @@ def _source_roots() -> list[Path]:
     return roots + ([csrc] if csrc.is_dir() else [])
 
 
-@functools.lru_cache(maxsize=None)
-def source_digest() -> str:
-    """SHA-256 (hex) over the relative paths and contents of the source files that train."""
+def _digest_now() -> str:
     digest = hashlib.sha256()
     for root in _source_roots():
         for path in sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES and "__pycache__" not in p.parts):
@@ -41,6 +39,22 @@ def source_digest() -> str:
             digest.update(path.read_bytes())
             digest.update(b"\0")
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """SHA-256 (hex) over the relative paths and contents of the source files that train, as this
+    process first read them."""
+    return _digest_now()
+
+
+def check_unchanged() -> None:
+    """Raise when the source changed since this process first read it: the runs still to start
+    would run new code in folders named after the old (a grid is planned once, at its start)."""
+    planned, now = source_digest(), _digest_now()
+    if now != planned:
+        raise RuntimeError(f"the source changed since the grid was planned (code {planned[:8]} -> {now[:8]}): "
+                           "stopping; call transmix-experiment again to plan the runs for the new code")
 
 
 def _git(*args: str) -> Optional[str]:
