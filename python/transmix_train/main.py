@@ -18,8 +18,7 @@ from functools import partial
 from typing import Optional, Sequence
 
 from .build import build_run, Run
-from .checkpoint import (capture_rng, CHECKPOINT_VERSION, CheckpointHistory, copy_checkpoint, restore_rng,
-                         save_checkpoint)
+from .checkpoint import AtomicCheckpointSaver, capture_rng, CHECKPOINT_VERSION, restore_rng
 from .config import config_dict, parse_args, save_config
 from .data import describe_data
 from .distributed import all_gather_objects, init_processes, shutdown
@@ -33,9 +32,10 @@ from .tracking import open_trackers
 __all__ = ["main", "run_training"]
 
 
-def _checkpoint_state(run: Run, epoch: int, metric: Optional[float], best: tuple[float, int], num_updates: int,
-                      history: CheckpointHistory) -> dict:
-    """timm's layout plus what an exact resume needs (RNG of every rank: all ranks call this)."""
+def _checkpoint_state(run: Run, epoch: int, metric: Optional[float], best: tuple[float, int],
+                      num_updates: int) -> dict:
+    """timm's layout plus what an exact resume needs (RNG of every rank: all ranks call this; the saver
+    adds its ``history``)."""
     rng = all_gather_objects(capture_rng(run.mixing.mixer), run.info)
     state = {
         "epoch": epoch,
@@ -46,7 +46,6 @@ def _checkpoint_state(run: Run, epoch: int, metric: Optional[float], best: tuple
         "version": CHECKPOINT_VERSION,
         "metric": metric,
         "num_updates": num_updates,
-        "history": history.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.step.scaler.state_dict() if run.step.scaler is not None else None,
         "best_metric": best[0],
@@ -59,7 +58,7 @@ def _checkpoint_state(run: Run, epoch: int, metric: Optional[float], best: tuple
     return state
 
 
-def _restore(run: Run, history: CheckpointHistory, log) -> tuple[int, tuple[float, int], Optional[EpochProgress]]:
+def _restore(run: Run, saver: AtomicCheckpointSaver, log) -> tuple[int, tuple[float, int], Optional[EpochProgress]]:
     """Load the resume checkpoint into the run.
 
     Returns (the epoch to train next, (best top-1, its epoch), how far that epoch got: None at an
@@ -79,7 +78,7 @@ def _restore(run: Run, history: CheckpointHistory, log) -> tuple[int, tuple[floa
     else:
         log(f"warning: the checkpoint was written by {len(states)} processes, this job has "
             f"{run.info.world_size}: random states start afresh (the run continues, not bit for bit)")
-    history.load_state_dict(checkpoint.get("history") or [])
+    saver.resume(checkpoint)
     best = (checkpoint.get("best_metric", -1.0), checkpoint.get("best_epoch", -1))
     progress = checkpoint.get("progress")
     if progress is not None:
@@ -94,22 +93,14 @@ def _evaluate_all(run: Run) -> dict:
             "ema_top1": ema["top1"] if ema else None}
 
 
-def _remove_recovery(output, keep: Optional[str] = None) -> None:
-    for path in output.glob("recovery-*.pth"):
-        if path.name != keep:
-            path.unlink(missing_ok=True)
-
-
-def _save_recovery(run: Run, history: CheckpointHistory, best: tuple[float, int], epoch: int, num_updates: int,
+def _save_recovery(run: Run, saver: AtomicCheckpointSaver, best: tuple[float, int], epoch: int, num_updates: int,
                    progress: EpochProgress, log) -> None:
     """``--recovery-interval``: a mid-epoch checkpoint from which ``--resume`` continues exactly."""
-    state = _checkpoint_state(run, epoch - 1, None, best, num_updates, history)
+    state = _checkpoint_state(run, epoch - 1, None, best, num_updates)
     state["progress"] = {"epoch": epoch, **vars(progress)}
     if run.info.primary:
-        name = f"recovery-{epoch}-{num_updates}.pth"
-        save_checkpoint(state, run.output / name)
-        _remove_recovery(run.output, keep=name)  # only the newest is kept, as timm's saver
-        log(f"recovery checkpoint {run.output / name} (epoch {epoch}, {progress.steps} batches done)")
+        path = saver.save_recovery(epoch, num_updates, state=state)  # recovery-<epoch>-<num_updates>.pth, the newest
+        log(f"recovery checkpoint {path} (epoch {epoch}, {progress.steps} batches done)")
 
 
 # Drawing curves.png (matplotlib's import the first time, then a figure) is slow next to a short
@@ -126,21 +117,18 @@ def _plot_now_and_then(output, started: float) -> None:
         plot_curves(output / "metrics.csv", curves)
 
 
-def _end_epoch(run: Run, history: CheckpointHistory, epoch: int, metrics: dict, best: tuple[float, int],
+def _end_epoch(run: Run, saver: AtomicCheckpointSaver, epoch: int, metrics: dict, best: tuple[float, int],
                num_updates: int, log) -> tuple[float, int]:
     """Checkpoint (last, and best when top-1 improved; the top-N history), metrics row, curves."""
     improved = metrics["val_top1"] > best[0]
     best = (metrics["val_top1"], epoch) if improved else best
-    history.rank(epoch, metrics["val_top1"])
-    state = _checkpoint_state(run, epoch, metrics["val_top1"], best, num_updates, history)
+    state = _checkpoint_state(run, epoch, metrics["val_top1"], best, num_updates)
     if run.info.primary:
         # The row first: a kill before the checkpoint is undone by the resume's keep_until.
         MetricsLog(run.output / "metrics.csv").append({"epoch": epoch, **metrics})
-        save_checkpoint(state, run.output / "last.pth")
-        history.write(run.output / "last.pth")
-        if improved:
-            copy_checkpoint(run.output / "last.pth", run.output / "best.pth")
-        _remove_recovery(run.output)
+        # last.pth, best.pth when improved, checkpoint-<epoch>.pth when among the --checkpoint-hist
+        # best, the epoch's recovery files removed
+        saver.save_checkpoint(epoch, metrics["val_top1"], state=state)
         _plot_now_and_then(run.output, run.started_at)
         log(f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_top1 {metrics['val_top1']:.2f} "
             f"val_top5 {metrics['val_top5']:.2f} ({metrics['images_per_s']:.0f} img/s, {metrics['seconds']:.1f} s)"
@@ -173,8 +161,8 @@ def _open_outputs(run: Run, start_epoch: int) -> None:
 def run_training(run: Run, log) -> float:
     """Train from the run's first epoch; returns the best val top-1 (percent)."""
     run.started_at = time.time()
-    history = CheckpointHistory(run.output, run.args.checkpoint_hist)
-    start_epoch, best, progress = _restore(run, history, log) if run.checkpoint is not None else (0, (-1.0, -1), None)
+    saver = AtomicCheckpointSaver(run.output, run.args.checkpoint_hist)  # called to write on rank 0 only
+    start_epoch, best, progress = _restore(run, saver, log) if run.checkpoint is not None else (0, (-1.0, -1), None)
     if run.info.primary:
         _open_outputs(run, start_epoch)
     run.trackers = open_trackers(run.args, run.output, config_dict(run.args), run.info.primary, start_epoch, log)
@@ -191,7 +179,7 @@ def run_training(run: Run, log) -> float:
     digest = MixDigest(run.output / "mix_digest.json") if run.info.primary and run.checkpoint is None else None
     for epoch in range(start_epoch, stop):
         run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
-        recovery = partial(_save_recovery, run, history, best, log=log)  # (epoch, num_updates, progress)
+        recovery = partial(_save_recovery, run, saver, best, log=log)  # (epoch, num_updates, progress)
         train, num_updates = train_one_epoch(run.model, run.train_loader, _epoch_mixer(run, epoch, log), run.probe,
                                              run.criterion, run.optimizer, run.scheduler, run.step, epoch,
                                              num_updates, resume_from=progress, recovery=recovery, on_mix=digest)
@@ -204,7 +192,7 @@ def run_training(run: Run, log) -> float:
         run.scheduler.step(epoch + 1, metrics["val_top1"])
         metrics = {"train_loss": train["loss"], "lr": train["lr"], **metrics,
                    "images_per_s": train["images_per_s"], "seconds": train["seconds"] + time.perf_counter() - start}
-        best = _end_epoch(run, history, epoch, metrics, best, num_updates, log)
+        best = _end_epoch(run, saver, epoch, metrics, best, num_updates, log)
         run.trackers.log({"epoch": epoch, **metrics})
         record_fidelity(run, epoch, log)  # --fidelity-every N: fidelity.csv / fidelity.png
     run.trackers.close()

@@ -1,4 +1,5 @@
-"""What a run writes beside its checkpoints: ``metrics.csv``, ``curves.png`` and ``train.log``.
+"""What a run writes beside its checkpoints: ``metrics.csv``, ``curves.png`` and ``train.log``, and
+the console (:func:`setup_logging`: timm's ``setup_default_logging``, on stderr).
 
 Only rank 0 writes. ``metrics.csv`` has one row per epoch (:data:`METRIC_FIELDS`; accuracies in
 percent as timm reports them, ``ema_top1`` empty without ``--model-ema``); on ``--resume`` the
@@ -14,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+from timm.utils import setup_default_logging
 
 __all__ = ["METRIC_FIELDS", "MetricsLog", "plot_curves", "run_summary", "setup_logging"]
 
@@ -115,17 +118,41 @@ def run_summary(output: str | os.PathLike, best: tuple[float, int], seconds: flo
             f"curves {curves if curves.is_file() else 'none'}")
 
 
+class _CurrentStderr:
+    """``sys.stderr`` looked up at each write: a handler left on the root logger after ``main()``
+    returns follows a later swap (pytest's capture, a notebook) instead of writing to a closed stream."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup_logging(log_file: Optional[str | os.PathLike], primary: bool) -> logging.Logger:
-    """Plain lines to stdout (rank 0) and, when given, to ``log_file``."""
-    logger = logging.getLogger("transmix_train")
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.INFO if primary else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(console)
+    """The ``transmix_train`` logger; console and ``log_file`` on the root logger, as timm's train.py.
+
+    The console is timm's ``setup_default_logging`` (stderr, plain INFO lines, ``LEVEL: message``
+    above), at INFO on rank 0 and WARNING on the others, so that timm's own messages (the saver's
+    kept checkpoints, its restored history) show as in timm's train.py. ``log_file`` (rank 0) gets
+    every line with a time stamp through a plain ``FileHandler``, not the ``log_path`` of
+    ``setup_default_logging``: that one is a ``RotatingFileHandler`` of 2 MB x 3 backups, which would
+    move the start of a long run to ``train.log.1``.. and then drop it. Calling this again (once the
+    output folder exists; each ``main()`` of a test) first removes the handlers the last call added,
+    so no line is written twice.
+    """
+    root = logging.getLogger()
+    for handler in [handler for handler in root.handlers if getattr(handler, "_transmix_train", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    before = set(root.handlers)
+    setup_default_logging(logging.INFO if primary else logging.WARNING)
+    for handler in set(root.handlers) - before:
+        handler.setStream(_CurrentStderr())  # timm's console, writing to sys.stderr as it is at each line
     if log_file is not None and primary:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
-    return logger
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(file_handler)
+    for handler in set(root.handlers) - before:
+        handler._transmix_train = True
+    return logging.getLogger("transmix_train")  # no handler or level of its own: the root's

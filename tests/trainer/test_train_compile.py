@@ -24,7 +24,7 @@ def test_compiled_transmix_matches_eager(tmp_path, capsys, backend):
     eager = _run(tmp_path, "eager")
     capsys.readouterr()
     compiled = _run(tmp_path, backend, "--compile", "--compile-backend", backend)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the log (stderr)
     assert "--compile: " in out and f"({backend})" in out, "the run did not compile"
     for field in COMPARED:
         assert float(compiled[field]) == pytest.approx(float(eager[field]), rel=1e-4, abs=1e-5), field

@@ -57,7 +57,7 @@ def test_torchrun_two_gloo_processes(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 process(es) on cpu" in result.stdout
+    assert "2 process(es) on cpu" in result.stderr  # the log (stderr)
     rows = read_metrics(output)
     assert [row["epoch"] for row in rows] == ["0"], "a rank other than 0 wrote metrics"
     checkpoint = read_checkpoint(output / "last.pth")
@@ -77,6 +77,6 @@ def test_torchrun_two_gloo_processes(tmp_path, capsys):
     # One process evaluating the same weights on the whole val split gives the reduced figure.
     capsys.readouterr()
     main(["--eval-only", "--resume", str(output / "last.pth"), "--limit-val-batches", "none"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"val top-1 {float(rows[0]['val_top1']):.2f} top-5 {float(rows[0]['val_top5']):.2f}" in out
     assert "(359 images)" in out

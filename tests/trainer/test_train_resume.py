@@ -50,7 +50,7 @@ def test_eval_only_prints_the_checkpoint_accuracy(tmp_path, capsys):
     row = read_metrics(tmp_path)[-1]
     capsys.readouterr()
     main(["--eval-only", "--resume", str(tmp_path / "best.pth")])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the log: stderr, as timm's setup_default_logging
     assert f"val top-1 {float(row['val_top1']):.2f} top-5 {float(row['val_top5']):.2f}" in out
     assert "(359 images)" in out  # the whole digits val split
 
