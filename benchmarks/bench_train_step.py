@@ -15,6 +15,19 @@ included), and on CUDA ``peak_mib`` (``torch.cuda.max_memory_allocated`` over on
 The compiled cases are marked ``slow`` (compilation takes about a minute per provider on a
 2-core CPU; ``-m "not slow"`` leaves them out). If the probe refuses a compiled model, the
 compiled ``transmix`` case is skipped with the probe's message.
+
+The attention-guided family (``test_family_step``, eager, the demo's model and batch): the same
+step with each mixer of the family side by side, every batch mixed by the method itself (no
+Mixup switch), so the step times differ only by what each mixer costs:
+
+* ``plain-cutmix``: ``tk.TransMix`` CutMix boxes, area labels (the reference);
+* ``transmix``: the same boxes, labels from the probe's class attention;
+* ``mixpro``: ``tk.MixPro`` MaskMix (16 px cells) with PAL (probe + the forward's logits);
+* ``tokenmix``: ``tk.TokenMix`` block token masks, teacher-free labels (TransMix's rule on the probe).
+
+On the CPU, extra_info also holds ``mix_ms`` and ``targets_ms``: medians over the rounds of the
+mixer call and of the label call inside the step (timed with ``perf_counter``; not on CUDA, where
+the synchronisations would change the step being measured).
 """
 
 from __future__ import annotations
@@ -127,3 +140,83 @@ def test_train_step(benchmark, record, arch, provider, compiled, device):
     record_cuda_peak(benchmark, lambda: step(images.clone(), labels), device)
     rounds = 20 if device.type == "cuda" or arch == "demo" else 5
     benchmark.pedantic(step, setup=lambda: ((images.clone(), labels), {}), rounds=rounds, warmup_rounds=1)
+
+
+FAMILY = ["plain-cutmix", "transmix", "mixpro", "tokenmix"]
+# What each family provider is, written into extra_info["kind"] (conftest's kinds name the others).
+FAMILY_KINDS = {
+    "mixpro": "attention-guided family: MaskMix + PAL",
+    "tokenmix": "attention-guided family: block token masks, attention labels",
+}
+
+
+def family_mixer(provider: str, model, classes: int):
+    """(mixer, labels(mix, probe, logits)) of a family provider; every batch is mixed by the method."""
+    if provider == "mixpro":
+        mixer = tk.MixPro(classes, mask_size=16, maskmix_prob=1.0, model=model, seed=0)
+        return mixer, lambda mix, probe, logits: mix.targets(probe, logits=logits.detach())
+    if provider == "tokenmix":
+        mixer = tk.TokenMix(classes, mixup_alpha=0.0, min_tokens=1, model=model, seed=0)
+        return mixer, lambda mix, probe, logits: mix.targets(probe)
+    mixer = tk.TransMix(classes, mixup_alpha=0.0, cutmix_alpha=1.0, model=model, seed=0)
+    if provider == "plain-cutmix":
+        return mixer, lambda mix, probe, logits: mix.targets()
+    return mixer, lambda mix, probe, logits: mix.targets(probe)
+
+
+def make_family_step(provider: str, device: torch.device, dtype: torch.dtype, timings: dict):
+    torch.manual_seed(0)
+    spec = ARCHS["demo"]
+    model = timm.create_model(spec["name"], pretrained=False, num_classes=spec["classes"], **spec["kwargs"])
+    model = model.to(device).train()
+    mixer, labels_of = family_mixer(provider, model, spec["classes"])
+    probe = tk.ClassAttentionProbe(model) if provider != "plain-cutmix" else None
+    criterion = SoftTargetCrossEntropy()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    timed = device.type == "cpu"
+
+    def step(images, labels):
+        start = time.perf_counter()
+        images, mix = mixer(images, labels)
+        mixed = time.perf_counter()
+        with autocast(device, dtype):
+            logits = model(images)
+            before = time.perf_counter()
+            targets = labels_of(mix, probe, logits)
+            after = time.perf_counter()
+            loss = criterion(logits, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if timed:
+            timings.setdefault("mix", []).append(mixed - start)
+            timings.setdefault("targets", []).append(after - before)
+        return loss
+
+    return step
+
+
+@pytest.mark.parametrize("device", bench_devices())
+@pytest.mark.parametrize("mode", ["eager"])  # gpu_check.sh's training stages select by "eager" / "compiled"
+@pytest.mark.parametrize("provider", FAMILY)
+def test_family_step(benchmark, record, provider, mode, device):
+    device = torch.device(device)
+    batch, dtype = batch_and_dtype(device, "demo")
+    timings: dict[str, list[float]] = {}
+    step = make_family_step(provider, device, dtype, timings)
+    size, classes = ARCHS["demo"]["size"], ARCHS["demo"]["classes"]
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    record(f"demo-family-step B{batch} {str(dtype)[6:]} {mode} {device.type}", provider, device)
+    if provider in FAMILY_KINDS:
+        benchmark.extra_info["kind"] = FAMILY_KINDS[provider]
+
+    start = time.perf_counter()
+    step(images.clone(), labels)
+    benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+    record_cuda_peak(benchmark, lambda: step(images.clone(), labels), device)
+    timings.clear()
+    benchmark.pedantic(step, setup=lambda: ((images.clone(), labels), {}), rounds=20, warmup_rounds=1)
+    for name, values in timings.items():
+        benchmark.extra_info[f"{name}_ms"] = 1e3 * sorted(values)[len(values) // 2]

@@ -30,6 +30,8 @@ PROVIDER_KINDS = {
     "fused-triton": OURS,
     "fused-torch": OURS,
     "cutmix_paste": OURS,  # the box op, against mask_paste in the mask-paste-vs-box groups
+    "mixpro": OURS,  # the attention-guided family in the training step (bench_train_step.py)
+    "tokenmix": OURS,
     "extension": OURS,
     "transmix-torch-path": SAME_ALGORITHM,
     "torch-vector-chain": SAME_ALGORITHM,

@@ -32,7 +32,7 @@ from .data import create_datasets, data_settings
 from .distributed import ProcessInfo
 from .engine import DistillationLoss, StepConfig
 from .loader import create_loaders
-from .mixers import create_mixer, Mixing
+from .mixers import TEACHER_LABELLED, create_mixer, Mixing
 from .model import build_model, build_teacher, probe_for
 
 __all__ = ["Run", "base_loss", "build_run", "resolve_output", "rank_seed"]
@@ -88,6 +88,17 @@ def _grad_checkpointing(module: nn.Module, args: argparse.Namespace) -> None:
         module.set_grad_checkpointing(True)
     except (AssertionError, AttributeError, NotImplementedError) as error:
         raise ValueError(f"--grad-checkpointing: --model {args.model} does not support it ({error})") from None
+
+
+def _check_teacher_use(args: argparse.Namespace, teacher: Optional[nn.Module]) -> None:
+    """A teacher serves DeiT's distillation (``--distillation-type``), the labels of a
+    :data:`~transmix_train.mixers.TEACHER_LABELLED` mixer (``--mix tokenmix``: its class maps), or
+    both; one that would serve neither is an error rather than a silent extra load."""
+    if teacher is None or args.distillation_type != "none" or args.mix in TEACHER_LABELLED:
+        return
+    flag = "--teacher" if getattr(args, "teacher", None) else "--teacher-model"
+    raise ValueError(f"{flag}: the teacher would be unused: give --distillation-type hard|soft (DeiT distillation) "
+                     f"or a mixer that labels with it (--mix {' | '.join(TEACHER_LABELLED)}), or leave it out")
 
 
 def resolve_output(args: argparse.Namespace) -> Optional[Path]:
@@ -177,8 +188,10 @@ def build_run(args: argparse.Namespace, info: ProcessInfo, log, progress: bool =
     module = build_model(args, num_classes, weights=checkpoint is None)  # a resume brings its own weights
     _grad_checkpointing(module, args)
     settings = data_settings(args, train_set, module)
-    mixing = create_mixer(args, num_classes, module, rank_seed(args.seed, info.rank))
     teacher = build_teacher(args, num_classes, info.device, settings.input_size[-1])
+    _check_teacher_use(args, teacher)
+    mixing = create_mixer(args, num_classes, module, rank_seed(args.seed, info.rank), teacher=teacher,
+                          input_size=tuple(settings.input_size))
     if teacher is not None and args.distillation_type != "none":
         if not hasattr(module, "set_distilled_training"):
             raise ValueError(f"--teacher with --model {args.model}: distillation needs a distilled model "

@@ -341,7 +341,9 @@ def _add_optimisation(parser: argparse.ArgumentParser) -> None:
 def _add_distillation(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distillation (DeiT)")
     group.add_argument("--teacher", default=None, metavar="CKPT",
-                       help="teacher checkpoint (a transmix-train last.pth/best.pth: its arch and model kwargs)")
+                       help="teacher checkpoint (a transmix-train last.pth/best.pth: its arch and model kwargs): DeiT "
+                            "distillation with --distillation-type, or TokenMix's activation-map labels with "
+                            "--mix tokenmix")
     group.add_argument("--teacher-model", default=None, metavar="NAME",
                        help="teacher by timm name instead of --teacher (DeiT: regnety_160), with its weights from "
                             "--teacher-pretrained or --teacher-path")

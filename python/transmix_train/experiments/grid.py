@@ -16,7 +16,7 @@ import yaml
 
 __all__ = ["BUILTIN_GRIDS", "PLACEHOLDER", "Cell", "Grid", "grid_dir", "load_grid", "needed_prerequisites"]
 
-BUILTIN_GRIDS = ("table1", "table2", "table3", "distill", "trained_digits")
+BUILTIN_GRIDS = ("table1", "table2", "table3", "distill", "trained_digits", "family")
 # "{extractor}" in a flag: the prerequisite run of that name (its id when hashed, its last.pth when run).
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 

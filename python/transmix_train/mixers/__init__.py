@@ -9,7 +9,9 @@ and ``uses_attention`` says whether the training step should attach a ``ClassAtt
 A new mixer is one function added to :data:`MIXERS`. The compared variants (saliencymix,
 attentive_cutmix, puzzlemix) live in ``saliency.py``, ``attentive.py`` and ``puzzle.py`` beside
 this file, on the shared pair-mixing state of ``base.py``; mixpro and tokenmix are ``tk.MixPro``
-(its logits hook in ``pal.py``) and ``tk.TokenMix`` (teacher-free: attention labels).
+(its logits hook in ``pal.py``) and ``tk.TokenMix`` (teacher-free: attention labels; with a
+teacher, ``--teacher`` / ``--teacher-model``, the official rule on its class activation maps, in
+``teacher.py``). :data:`TEACHER_LABELLED` names the mixers that use a teacher for their labels.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from timm.data.mixup import one_hot
 
 import transmix_kernels as tk
 
-__all__ = ["ARGUMENT_FLAGS", "MIXERS", "Mixing", "NoMix", "create_mixer"]
+__all__ = ["ARGUMENT_FLAGS", "MIXERS", "Mixing", "NoMix", "TEACHER_LABELLED", "create_mixer"]
 
 
 @dataclass
@@ -139,13 +141,27 @@ def _mixpro(args, num_classes, model, seed) -> Mixing:
 
 
 def _tokenmix(args, num_classes, model, seed) -> Mixing:
-    # Teacher-free: the token mask's label by the student's attention (TransMix's rule, --transmix-ratio).
+    # Teacher-free: the token mask's label by the student's attention (TransMix's rule, --transmix-ratio);
+    # with a teacher, create_mixer wraps it in the official teacher label (TEACHER_LABELLED).
     mixer = tk.TokenMix(
         num_classes, mixup_alpha=args.mixup, switch_prob=args.mixup_switch_prob, prob=args.mixup_prob,
         mask_ratio=args.tokenmix_mask_ratio, min_tokens=args.tokenmix_min_tokens, label_smoothing=args.smoothing,
         ratio=args.transmix_ratio, model=model, seed=seed,
     )
     return Mixing(mixer, uses_attention=True, name="tokenmix")
+
+
+def _teacher_tokenmix(mixing: Mixing, args: argparse.Namespace, teacher: torch.nn.Module,
+                      input_size: Optional[tuple[int, int, int]]) -> Mixing:
+    # The official label: the teacher's class maps of the unmixed images; the student's attention is not read.
+    from .teacher import ClassActivationMaps, TeacherTokenMix, teacher_flag
+
+    maps = ClassActivationMaps(teacher, flag=teacher_flag(args), input_size=input_size)
+    return Mixing(TeacherTokenMix(mixing.mixer, maps), uses_attention=False, name=mixing.name)
+
+
+#: --mix name -> how a teacher (--teacher / --teacher-model) labels its batches, without distillation too.
+TEACHER_LABELLED: dict[str, Callable[..., Mixing]] = {"tokenmix": _teacher_tokenmix}
 
 
 #: The flag behind each mixer argument: the mixers' checks name their argument first ("prob must
@@ -193,14 +209,21 @@ MIXERS: dict[str, Callable[..., Mixing]] = {
 }
 
 
-def create_mixer(args: argparse.Namespace, num_classes: int, model: Optional[torch.nn.Module], seed: int) -> Mixing:
+def create_mixer(args: argparse.Namespace, num_classes: int, model: Optional[torch.nn.Module], seed: int,
+                 teacher: Optional[torch.nn.Module] = None,
+                 input_size: Optional[tuple[int, int, int]] = None) -> Mixing:
     """The ``--mix`` mixer; ``seed`` should differ per rank (each rank draws its own boxes).
 
+    ``teacher``: the run's frozen teacher; a mixer of :data:`TEACHER_LABELLED` labels with it (the
+    others ignore it). ``input_size``: (C, H, W) of the run's images, to check the teacher at once.
     Bad mixing hyper-parameters are a ``ValueError`` that starts with the flag (:data:`ARGUMENT_FLAGS`).
     """
     if args.mix not in MIXERS:
         raise ValueError(f"--mix {args.mix!r}: choose one of {', '.join(MIXERS)}")
     try:
-        return MIXERS[args.mix](args, num_classes, model, seed)
+        mixing = MIXERS[args.mix](args, num_classes, model, seed)
+        if teacher is not None and args.mix in TEACHER_LABELLED:
+            mixing = TEACHER_LABELLED[args.mix](mixing, args, teacher, input_size)
+        return mixing
     except (ValueError, TypeError) as error:
         raise _flag_error(args.mix, error) from error
