@@ -59,7 +59,7 @@ from ._checks import FLOAT_DTYPES, check_non_negative, check_range, check_tensor
 from .mixer import TransMix, check_pair
 from .transmix_lambda import mix_targets
 
-__all__ = ["MixPro", "MixProState"]
+__all__ = ["MixPro", "MixProState", "progressive_factor"]
 
 PAIRINGS = ("random", "flip")
 
@@ -114,10 +114,23 @@ class MixProState(CellMixState):
                 f"logits must have shape ({self.target.shape[0]}, {self.num_classes}) (batch, num_classes), "
                 f"got {tuple(logits.shape)}"
             )
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach().float(), dim=-1)
-            # Two non-negative vectors: cos in [0, 1] (clamped for rounding).
-            return torch.cosine_similarity(self.area_targets(), probs, dim=1).clamp_(0.0, 1.0)
+        return progressive_factor(self.area_targets(), logits)
+
+
+def progressive_factor(area_targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """PAL's ``alpha = cos(area targets, softmax(logits))`` per sample (official ``main.py``), no gradient.
+
+    Args:
+        area_targets: (B, K) the area label of each mixed image; logits: (B, K) the model's output on it.
+
+    Returns:
+        (B,) float32 in [0, 1]: near 0 while the prediction disagrees with the area label (early,
+        unreliable attention counts little), near 1 once it agrees.
+    """
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        # Two non-negative vectors: cos in [0, 1] (clamped for rounding).
+        return torch.cosine_similarity(area_targets.float(), probs, dim=1).clamp_(0.0, 1.0)
 
 
 class MixPro(CellMixer):

@@ -15,7 +15,10 @@ of the mixed images), and is scored against the true share:
 
 - ``area``: CutMix's label, the share of A's pixels left visible (``lam_area``);
 - ``attention``: the class attention's share of A's tokens alone (``lam_attn``, ratio 0);
-- ``transmix``: TransMix's label, ``0.5 * lam_area + 0.5 * lam_attn`` (the paper's ratio).
+- ``transmix``: TransMix's label, ``0.5 * lam_area + 0.5 * lam_attn`` (the paper's ratio);
+- ``mixpro_pal``: MixPro's progressive attention label on the same pair, ``alpha * lam_attn +
+  (1 - alpha) * lam_area`` with ``alpha`` the cosine of the area label and the prediction
+  (``tk.mixpro.progressive_factor``): it tests MixPro's claim that early attention is unreliable.
 
 Scores: the mean absolute error against the true share, and the flip rate: how often the label
 gives the larger weight to the class whose object is the smaller visible one (a label of exactly
@@ -32,7 +35,7 @@ pairs row i with row B-1-i; boxes from a ``tk.TransMix`` in CutMix-only, per-sam
 from ``--seed``; groups of :data:`GROUP_ROWS` rows, so the boxes never depend on a batch size.
 The model runs once per group in eval mode.
 
-More rules (e.g. MixPro's progressive attention label) are one more :class:`LabelRule` in
+More rules are one more :class:`LabelRule` in
 :data:`LABEL_RULES` (:func:`register_label_rule`): a function of the ``MixState``, the probe and
 the logits of the mixed images.
 
@@ -60,6 +63,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import transmix_kernels as tk
+from transmix_kernels.mixpro import progressive_factor
 
 __all__ = [
     "CheckpointData",
@@ -127,6 +131,12 @@ def _transmix_share(mix, probe, logits) -> torch.Tensor:
     return dataclasses.replace(mix, ratio=TRANSMIX_RATIO).lambdas(probe)
 
 
+def _mixpro_share(mix, probe, logits) -> torch.Tensor:
+    # MixPro's PAL on the same CutMix pair: alpha * lam_attn + (1 - alpha) * lam_area, alpha from the prediction.
+    alpha = progressive_factor(mix.area_targets(), logits)
+    return alpha * _attention_share(mix, probe, logits) + (1.0 - alpha) * _area_share(mix, probe, logits)
+
+
 #: The label rules scored, by name (insertion order is the table's order).
 LABEL_RULES: dict[str, LabelRule] = {}
 
@@ -143,6 +153,7 @@ for _rule in (
     LabelRule("area", "area (CutMix)", _area_share),
     LabelRule("attention", "attention alone (lam_attn)", _attention_share),
     LabelRule("transmix", f"TransMix ({TRANSMIX_RATIO} area + {1 - TRANSMIX_RATIO} attention)", _transmix_share),
+    LabelRule("mixpro_pal", "MixPro's PAL (alpha area-label/prediction cosine)", _mixpro_share),
 ):
     register_label_rule(_rule)
 

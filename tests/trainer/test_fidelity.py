@@ -140,13 +140,18 @@ def test_measurement_is_deterministic_under_a_seed():
     images = _masked_shapes(40)
     first, again, other = _measure(images, 37, seed=5), _measure(images, 37, seed=5), _measure(images, 37, seed=6)
     assert first.pairs == 37 and first.scored + first.no_visible_object == 37
-    assert set(first.rules) == set(LABEL_RULES) == {"area", "attention", "transmix"}
+    assert set(first.rules) == set(LABEL_RULES) == {"area", "attention", "transmix", "mixpro_pal"}
     same = lambda a, b: torch.equal(torch.nan_to_num(a, -1.0), torch.nan_to_num(b, -1.0))  # noqa: E731
     assert same(first.true, again.true) and first.rules == again.rules
     assert not same(first.true, other.true)
     # TransMix's label is the paper's blend of the other two, pair by pair
     blend = 0.5 * first.labels["area"] + 0.5 * first.labels["attention"]
     torch.testing.assert_close(first.labels["transmix"], blend, rtol=0, atol=1e-6)
+    # MixPro's PAL blends the same two with a factor in [0, 1]: it lies between them, pair by pair
+    low = torch.minimum(first.labels["area"], first.labels["attention"]) - 1e-6
+    high = torch.maximum(first.labels["area"], first.labels["attention"]) + 1e-6
+    pal = first.labels["mixpro_pal"]
+    assert bool(((pal >= low) & (pal <= high)).all()), f"PAL label outside [area, attention]: {pal}"
 
 
 def test_area_label_is_exact_when_the_object_fills_the_image():
@@ -195,7 +200,7 @@ def test_command_writes_json_and_markdown(tiny_run, tmp_path, capsys):
                  str(tmp_path / "out")]) == 0
     written = json.loads((tmp_path / "out" / "fidelity.json").read_text())
     assert written["pairs"] == 21 and written["seed"] == 3 and written["data"] == "shapes"
-    assert set(written["rules"]) == {"area", "attention", "transmix"}
+    assert set(written["rules"]) == {"area", "attention", "transmix", "mixpro_pal"}
     table = (tmp_path / "out" / "fidelity.md").read_text()
     assert "| area (CutMix) |" in table and "TransMix" in table
     assert "wrote" in capsys.readouterr().out
