@@ -7,7 +7,9 @@ normalises it there: a worker never converts pixels to float. Random erasing run
 training step (``engine.py``), on the device, after the batch is taken: its randomness then
 belongs to that step, which is what lets a mid-epoch recovery checkpoint resume exactly.
 
-Workers are persistent (started once per run, as timm's loader does). Each sample's
+Workers are persistent (started once per run, as timm's loader does), and an epoch's train
+workers start while the previous epoch is evaluated, the val workers while it trains
+(:class:`StartAhead`): the first batches are ready when a loop asks for them. Each sample's
 augmentation randomness is seeded from (``--seed``, epoch, rank, position in the epoch) by
 :class:`SeededSampler` / :class:`SeededSamples`, so it does not depend on which worker made the
 sample, on how many workers there are (0 included), or on the process's random state: a resume,
@@ -168,6 +170,35 @@ def _loader(dataset: Dataset, batch_size: int, sampler: Sized, workers: int, tra
     )
 
 
+class StartAhead:
+    """A ``DataLoader`` whose next pass can be started before a loop asks for it.
+
+    ``start()`` creates the pass's iterator now: its workers begin making the first batches
+    (``prefetch_factor`` per worker) while the caller does other work; the next ``iter()`` hands
+    out that iterator instead of a fresh one. Without ``start()`` it is the plain loader. What a
+    pass yields is fixed when it starts (the sampler's order and seeds), so it must start after
+    ``set_epoch``; the workers' seeds come from the loader's private generator, so starting early
+    draws nothing from the process's random streams.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self._started: Optional[Iterator] = None
+
+    def start(self) -> None:
+        self._started = iter(self.loader)
+
+    def __iter__(self) -> Iterator:
+        started, self._started = self._started, None
+        return started if started is not None else iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):  # batch_size, dataset, sampler, ... of the loader (PrefetchLoader reads them)
+        return getattr(self.__dict__["loader"], name)
+
+
 class Loaders:
     """The train and val loaders of a run, and the per-epoch controls of the train order."""
 
@@ -176,9 +207,17 @@ class Loaders:
         self.train, self.val, self.sampler, self.random_erasing = train, val, sampler, random_erasing
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Order and seeds of ``epoch``; its first ``skip_batches`` batches left out (recovery)."""
+        """Order and seeds of ``epoch``; its first ``skip_batches`` batches left out (recovery).
+
+        Starts the epoch's train workers now (:class:`StartAhead`): call it for the next epoch
+        before evaluating this one, so that evaluation overlaps the first batches' augmentation."""
         self.sampler.set_epoch(epoch)
         self.sampler.skip(skip_batches * self.train.loader.batch_size)
+        self.train.loader.start()
+
+    def start_val(self) -> None:
+        """Start the val workers: call it as training begins, so the first val batches wait ready."""
+        self.val.loader.start()
 
 
 def _order(args: argparse.Namespace, train_set: Dataset, rank: int, world_size: int) -> Sampler:
@@ -252,7 +291,7 @@ def create_loaders(
         val = _loader(val_set, val_batch, range(rank, len(val_set), world_size), workers, False, device)
 
     def prefetch(loader: DataLoader) -> PrefetchLoader:
-        return PrefetchLoader(loader, mean=settings.mean, std=settings.std, channels=settings.input_size[0],
+        return PrefetchLoader(StartAhead(loader), mean=settings.mean, std=settings.std, channels=settings.input_size[0],
                               device=device)
 
     erasing = None

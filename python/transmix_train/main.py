@@ -177,8 +177,11 @@ def run_training(run: Run, log) -> float:
         else 0
     # The first steps' mixing draws, fingerprinted once, in a run that starts from scratch.
     digest = MixDigest(run.output / "mix_digest.json") if run.info.primary and run.checkpoint is None else None
+    started = None  # the epoch whose train workers were started during the previous evaluation
     for epoch in range(start_epoch, stop):
-        run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
+        if epoch != started:
+            run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
+        run.loaders.start_val()
         recovery = partial(_save_recovery, run, saver, best, log=log)  # (epoch, num_updates, progress)
         train, num_updates = train_one_epoch(run.model, run.train_loader, _epoch_mixer(run, epoch, log), run.probe,
                                              run.criterion, run.optimizer, run.scheduler, run.step, epoch,
@@ -188,6 +191,9 @@ def run_training(run: Run, log) -> float:
             digest = None
         progress = None
         start = time.perf_counter()
+        if epoch + 1 < stop:
+            run.loaders.set_epoch(epoch + 1)
+            started = epoch + 1
         metrics = _evaluate_all(run)
         run.scheduler.step(epoch + 1, metrics["val_top1"])
         metrics = {"train_loss": train["loss"], "lr": train["lr"], **metrics,

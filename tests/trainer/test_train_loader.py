@@ -5,6 +5,7 @@ distillation loss."""
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,7 @@ from transmix_train.checkpoint import read_checkpoint
 from transmix_train.config import parse_args
 from transmix_train.data import DataSettings, InMemoryImages
 from transmix_train.engine import DistillationLoss, StepConfig, train_one_epoch
-from transmix_train.loader import create_loaders, SeededSampler
+from transmix_train.loader import create_loaders, Loaders, SeededSampler
 from transmix_train.main import main
 
 RANDOM_EVERYWHERE = [*TINY, "--reprob", "0.5", "--mixup-mode", "elem", "--model-ema", "--model-ema-decay", "0.9",
@@ -85,6 +86,61 @@ def test_workers_persist_across_epochs():
         pids.append({int(pid) for _, labels in loaders.train for pid in labels})
     assert os.getpid() not in pids[0] and len(pids[0]) == 2
     assert pids[0] == pids[1], "the train workers were started again for the second epoch"
+
+
+class _MadeCount(torch.utils.data.Dataset):
+    """Counts, in a file, the samples the workers made (a worker's memory is not the test's)."""
+
+    transform = None
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int):
+        with open(self.path, "a") as handle:
+            handle.write(f"{index}\n")
+        return np.zeros((3, 4, 4), dtype=np.uint8), index
+
+
+def _made(path) -> int:
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+def _wait_for(condition, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_set_epoch_starts_the_train_workers_before_the_loop_asks(tmp_path):
+    train_file, val_file = tmp_path / "train", tmp_path / "val"
+    loaders = _loaders(["--workers", "2", "--batch-size", "4", "--reprob", "0"], _MadeCount(train_file),
+                       _MadeCount(val_file))
+    loaders.set_epoch(0)
+    loaders.start_val()
+    # Nothing iterates yet: the workers make the first batches (2 per worker) on their own.
+    assert _wait_for(lambda: _made(train_file) >= 16), f"train samples made before iterating: {_made(train_file)}"
+    assert _wait_for(lambda: _made(val_file) >= 16), f"val samples made before iterating: {_made(val_file)}"
+    # The loop gets the started pass (no second pass from the sampler): 16 samples, each once.
+    assert sorted(int(i) for _, labels in loaders.train for i in labels) == list(range(16))
+    assert _made(train_file) == 16, f"samples made for one epoch: {_made(train_file)} (expected 16)"
+
+
+def test_next_epoch_starts_before_evaluation(monkeypatch, tmp_path):
+    events = []
+    real_set_epoch, real_evaluate = Loaders.set_epoch, train_main.evaluate
+    monkeypatch.setattr(Loaders, "set_epoch",
+                        lambda self, epoch, **kw: (events.append(f"set_epoch {epoch}"), real_set_epoch(self, epoch, **kw)))
+    monkeypatch.setattr(train_main, "evaluate",
+                        lambda *a, **kw: (events.append("evaluate"), real_evaluate(*a, **kw))[1])
+    main([*TINY, "--epochs", "3", "--limit-train-batches", "1", "--output", str(tmp_path / "run")])
+    assert events == ["set_epoch 0", "set_epoch 1", "evaluate", "set_epoch 2", "evaluate", "evaluate"], events
 
 
 def _digits_like(count: int) -> InMemoryImages:
