@@ -27,7 +27,9 @@ The class count comes from the data (folder names, a ``--class-map`` file, a Hug
 are wrapped in :class:`SourceImages`: an image that cannot be read is an error naming its file
 (timm's ``ImageDataset`` would quietly train on the next image instead). ``hfids/``, ``wds/``
 and ``tfds/`` are timm's ``IterableImageDataset``: they shard over ranks and workers and
-shuffle themselves (``set_epoch``); timm's readers skip an undecodable sample with a warning.
+shuffle themselves (``set_epoch``). They are wrapped in ``streams.SourceStream``: a sample timm's
+reader skips (WebDataset: a warning) is counted and the count said in the log each epoch; one
+that fails inside the reader (a Hugging Face stream) is an error naming the source and position.
 
 Every set has a ``transform`` attribute that the loader fills with timm's ``create_transform``
 (PIL in, uint8 array out; normalisation happens on the device). In-memory sets keep uint8
@@ -392,7 +394,11 @@ def _from_create_dataset(args: argparse.Namespace) -> tuple[Dataset, Dataset, in
     num_classes = _num_classes(args, train_set, val_set)
     for flag, name in (("train_split", "train"), ("val_split", "val")):
         source = f"{describe_data(args)} --{flag.replace('_', '-')} {getattr(args, flag)!r}"
-        if not isinstance(splits[flag], IterableDataset):
+        if isinstance(splits[flag], IterableDataset):
+            from .streams import SourceStream  # streams.py imports SampleError from here
+
+            splits[flag] = SourceStream(splits[flag], source)
+        else:
             splits[flag] = SourceImages(splits[flag], source)
         splits[flag].target_transform = LabelCheck(num_classes, source)
     return splits["train_split"], splits["val_split"], num_classes

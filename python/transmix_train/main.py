@@ -93,6 +93,16 @@ def _evaluate_all(run: Run) -> dict:
             "ema_top1": ema["top1"] if ema else None}
 
 
+def _report_skipped(run: Run, epoch: int, log) -> None:
+    """A stream's samples its reader skipped (they cannot be decoded), counted since the last report."""
+    for split, loader in (("train", run.train_loader), ("val", run.val_loader)):
+        take_skipped = getattr(loader.loader.dataset, "take_skipped", None)  # streams.SourceStream
+        count = take_skipped() if take_skipped else 0
+        if count:
+            log(f"epoch {epoch}: skipped {count} unreadable {split} sample(s) of {loader.loader.dataset.source} "
+                "(the reader's warnings above give each error)")
+
+
 def _save_recovery(run: Run, saver: AtomicCheckpointSaver, best: tuple[float, int], epoch: int, num_updates: int,
                    progress: EpochProgress, log) -> None:
     """``--recovery-interval``: a mid-epoch checkpoint from which ``--resume`` continues exactly."""
@@ -200,6 +210,7 @@ def run_training(run: Run, log) -> float:
                    "images_per_s": train["images_per_s"], "seconds": train["seconds"] + time.perf_counter() - start}
         best = _end_epoch(run, saver, epoch, metrics, best, num_updates, log)
         run.trackers.log({"epoch": epoch, **metrics})
+        _report_skipped(run, epoch, log)
         record_fidelity(run, epoch, log)  # --fidelity-every N: fidelity.csv / fidelity.png
     run.trackers.close()
     if run.info.primary:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -49,12 +50,14 @@ def _image_folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-def _parquet(root: Path, image_key: str = "image", label_key: str = "label") -> Path:
-    """A Hugging Face dataset as local parquet files; the ClassLabel names are not in sorted order."""
+def _parquet(root: Path, image_key: str = "image", label_key: str = "label", damaged: int = -1) -> Path:
+    """A Hugging Face dataset as local parquet files; the ClassLabel names are not in sorted order.
+    ``damaged``: the train row whose image bytes are not an image."""
     features = datasets.Features({image_key: datasets.Image(), label_key: datasets.ClassLabel(names=list(COLOURS))})
     for split, count in (("train", 12), ("validation", 6)):
         labels = [index % 3 for index in range(count)]
-        images = [{"bytes": _png(list(COLOURS.values())[label]), "path": None} for label in labels]
+        images = [{"bytes": b"not an image" if (split, row) == ("train", damaged) else
+                   _png(list(COLOURS.values())[label]), "path": None} for row, label in enumerate(labels)]
         table = datasets.Dataset.from_dict({image_key: images, label_key: labels}, features=features)
         table.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
     return root
@@ -115,8 +118,9 @@ def test_hf_streamed_dataset(tmp_path):
     _train([*argv, "--dataset-download"], tmp_path / "run", 3)  # prepared: the split sizes are known
 
 
-def _shards(root: Path) -> Path:
-    """WebDataset shards (png + cls per sample) with timm's _info.json; classes 0 red, 1 green, 2 blue."""
+def _shards(root: Path, damaged: tuple[str, ...] = ()) -> Path:
+    """WebDataset shards (png + cls per sample) with timm's _info.json; classes 0 red, 1 green, 2 blue.
+    ``damaged``: keys of samples whose png is not an image."""
     root.mkdir()
     splits = {"train": 2, "validation": 1}
     info = {"name": "colours", "splits": {}}
@@ -125,9 +129,9 @@ def _shards(root: Path) -> Path:
         for shard, name in enumerate(names):
             with webdataset.TarWriter(str(root / name)) as writer:
                 for index in range(8):
-                    label = (index + shard) % 3
-                    writer.write({"__key__": f"{split}{shard}_{index:04d}", "png": _png(list(COLOURS.values())[label]),
-                                  "cls": label})
+                    label, key = (index + shard) % 3, f"{split}{shard}_{index:04d}"
+                    image = b"not an image" if key in damaged else _png(list(COLOURS.values())[label])
+                    writer.write({"__key__": key, "png": image, "cls": label})
         info["splits"][split] = {"name": split, "num_samples": 8 * shards, "filenames": names,
                                  "shard_lengths": [8] * shards}
     (root / "_info.json").write_text(json.dumps(info))
@@ -142,6 +146,27 @@ def test_webdataset_shards(tmp_path):
     argv += ["--num-classes", "3", "--workers", "2"]  # two shards: one per worker
     _check_labels(argv, {0: 0, 1: 1, 2: 2}, tmp_path)
     _train(argv, tmp_path / "run", 3)
+
+
+def test_webdataset_skips_are_counted_in_the_log(tmp_path):
+    # timm's reader skips an undecodable sample with a warning, in whichever worker met it.
+    root = _shards(tmp_path / "shards", damaged=("train0_0003", "train1_0005", "validation0_0001"))
+    output = tmp_path / "run"
+    main([*PLAIN, "--dataset", "wds/colours", "--data-dir", str(root), "--num-classes", "3", "--workers", "2",
+          "--output", str(output)])
+    log = (output / "train.log").read_text()
+    assert "epoch 0: skipped 2 unreadable train sample(s) of --dataset 'wds/colours'" in log, log
+    assert "epoch 0: skipped 1 unreadable val sample(s)" in log, log
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_hf_stream_decode_error_names_the_source(tmp_path, workers):
+    root = _parquet(tmp_path / "colours", damaged=4)
+    argv = [*PLAIN, "--dataset", f"hfids/{root}", "--data-dir", str(tmp_path / "cache"), "--dataset-download",
+            "--workers", workers, "--output", str(tmp_path / "run")]
+    with pytest.raises(SampleError, match=rf"cannot read sample \d+ of --dataset 'hfids/{re.escape(str(root))}' .*"
+                                          r"--train-split 'train' as read by .*UnidentifiedImageError"):
+        main(argv)
 
 
 def _mnist_files(root: Path) -> Path:
