@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import sklearn  # noqa: F401  (the train extra: a missing extra fails here, never skips)
 import torch
 from timm.utils import random_seed
