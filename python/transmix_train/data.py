@@ -60,6 +60,7 @@ __all__ = [
     "SampleError",
     "SourceImages",
     "SyntheticImages",
+    "apply_transforms",
     "create_datasets",
     "data_settings",
     "describe_data",
@@ -193,6 +194,15 @@ class LabelCheck:
         return int(label)
 
 
+def apply_transforms(dataset: Any, image: Image.Image, label: Any) -> tuple[Any, int]:
+    """``(dataset.transform(image), dataset.target_transform(label))``, each only when set."""
+    if dataset.target_transform is not None:
+        label = dataset.target_transform(label)
+    if dataset.transform is not None:
+        image = dataset.transform(image)
+    return image, label
+
+
 class SourceImages(Dataset):
     """A map-style set from timm's ``create_dataset`` as the trainer reads it.
 
@@ -234,11 +244,7 @@ class SourceImages(Dataset):
             name = self.file_name(index) or "(no file name)"
             raise SampleError(f"cannot read image {name}, sample {index} of {self.source}: "
                               f"{type(error).__name__}: {error}") from error
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        return apply_transforms(self, image, label)
 
 
 def _prefix(dataset: str) -> str:

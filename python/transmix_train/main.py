@@ -187,9 +187,8 @@ def run_training(run: Run, log) -> float:
         else 0
     # The first steps' mixing draws, fingerprinted once, in a run that starts from scratch.
     digest = MixDigest(run.output / "mix_digest.json") if run.info.primary and run.checkpoint is None else None
-    started = None  # the epoch whose train workers were started during the previous evaluation
     for epoch in range(start_epoch, stop):
-        if epoch != started:
+        if epoch == start_epoch:  # later epochs were set (and started) during the previous evaluation
             run.loaders.set_epoch(epoch, skip_batches=progress.steps if progress else 0)
         run.loaders.start_val()
         recovery = partial(_save_recovery, run, saver, best, log=log)  # (epoch, num_updates, progress)
@@ -203,7 +202,6 @@ def run_training(run: Run, log) -> float:
         start = time.perf_counter()
         if epoch + 1 < stop:
             run.loaders.set_epoch(epoch + 1)
-            started = epoch + 1
         metrics = _evaluate_all(run)
         run.scheduler.step(epoch + 1, metrics["val_top1"])
         metrics = {"train_loss": train["loss"], "lr": train["lr"], **metrics,

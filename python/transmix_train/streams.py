@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import get_worker_info, IterableDataset
 
-from .data import SampleError
+from .data import apply_transforms, SampleError
 
 __all__ = ["SourceStream"]
 
@@ -62,7 +62,7 @@ class SourceStream(IterableDataset):
         self.dataset, self.source = dataset, source
         self.transform: Optional[Callable] = None
         self.target_transform: Optional[Callable] = None
-        # A shared counter, created before the workers start: they add to it, the main process reads it.
+        # Shared with the worker processes (created before they start): they add, the main process reads.
         self._skipped = multiprocessing.Value("i", 0)
 
     def __len__(self) -> int:
@@ -98,8 +98,4 @@ class SourceStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         with _counting_skips(self._skipped):
             for image, label in self._read():
-                if self.target_transform is not None:
-                    label = self.target_transform(label)
-                if self.transform is not None:
-                    image = self.transform(image)
-                yield image, label
+                yield apply_transforms(self, image, label)
